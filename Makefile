@@ -1,0 +1,30 @@
+# dalle-hf: every target sets itself up on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp-install
+
+.PHONY: venv space test test-all bench clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 first: it is a CPU build on this machine's disk; a bare `torch` requirement would pull CUDA.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# The main job: the Gradio Space on the embedded default model, at http://127.0.0.1:7860
+space: venv
+	$(BIN)/python space/app.py
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-all: venv
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
