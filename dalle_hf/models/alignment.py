@@ -320,10 +320,18 @@ class DalleAlignmentModel(DalleAlignmentPreTrainedModel):
         text = self.get_text_embeds(text_embeds)
         return self.logit_scale.exp() * (image * text).sum(-1)
 
-    def contrastive_loss(self, text_embeds: torch.Tensor, codes: torch.LongTensor) -> torch.Tensor:
-        """Symmetric InfoNCE over the batch: pair i is the positive of row i and of column i."""
+    def contrastive_loss(self, text_embeds: torch.Tensor, codes: torch.LongTensor,
+                         negative_text_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Symmetric InfoNCE over the batch: pair i is the positive of row i and of column i.
+
+        `negative_text_embeds` (K, text_embed_dim), e.g. captions with two attributes swapped, join the texts each
+        image must be told apart from (hard negatives teach the head which attribute belongs to which object).
+        """
         image = self.get_image_embeds(codes)
         text = self.get_text_embeds(text_embeds)
-        logits = self.logit_scale.clamp(max=math.log(100)).exp() * text @ image.t()  # (B, B)
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.t().float(), labels)) / 2
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        labels = torch.arange(image.shape[0], device=image.device)
+        texts = text if negative_text_embeds is None else torch.cat([text, self.get_text_embeds(negative_text_embeds)])
+        image_to_text = scale * image @ texts.t()  # (B, B + K)
+        text_to_image = scale * text @ image.t()  # (B, B)
+        return (F.cross_entropy(image_to_text.float(), labels) + F.cross_entropy(text_to_image.float(), labels)) / 2

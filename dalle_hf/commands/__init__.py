@@ -1,0 +1,1 @@
+"""Subcommands of the `dalle-hf` command line; each module has `register(subparsers)`."""
