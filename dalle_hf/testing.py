@@ -56,7 +56,7 @@ def build_pipeline(
         num_attention_heads=num_heads, intermediate_size=4 * hidden_size, cross_attention_dim=text_hidden,
     ))
     alignment = DalleAlignmentModel(DalleAlignmentConfig(
-        image_size=image_size or grid * 8, block_out_channels=[8, 8, 16, 16], codebook_size=codebook_size,
+        image_size=image_size or grid * 8, patch_size=4, block_out_channels=[8, 16], codebook_size=codebook_size,
         codebook_dim=8, text_embed_dim=text_hidden, projection_dim=16, contrastive_width=16, contrastive_layers=1,
         contrastive_heads=2,
     ))

@@ -30,8 +30,10 @@ class DalleAlignmentConfig(PretrainedConfig):
     Args:
         image_size (`int`, defaults to 64): Side of the square images, in pixels.
         num_channels (`int`, defaults to 3): Image channels.
-        block_out_channels (`list[int]`, defaults to `[32, 64, 128, 256]`): Channels per resolution level; each level
-            after the first halves the resolution, so the downsampling factor is `2 ** (len(block_out_channels) - 1)`.
+        patch_size (`int`, defaults to 4): The first conv cuts the image into `patch_size` x `patch_size` patches.
+        block_out_channels (`list[int]`, defaults to `[64, 256]`): Channels per resolution level after the patchify
+            conv; each level after the first halves the resolution, so the downsampling factor is
+            `patch_size * 2 ** (len(block_out_channels) - 1)`.
         layers_per_block (`int`, defaults to 1): Residual blocks per level in the encoder (the decoder has one more).
         codebook_size (`int`, defaults to 512): Number of discrete codes.
         codebook_dim (`int`, defaults to 32): Dimension of the (l2-normalised) code vectors.
@@ -51,7 +53,8 @@ class DalleAlignmentConfig(PretrainedConfig):
         self,
         image_size: int = 64,
         num_channels: int = 3,
-        block_out_channels: list[int] | tuple[int, ...] = (32, 64, 128, 256),
+        patch_size: int = 4,
+        block_out_channels: list[int] | tuple[int, ...] = (64, 256),
         layers_per_block: int = 1,
         codebook_size: int = 512,
         codebook_dim: int = 32,
@@ -70,16 +73,16 @@ class DalleAlignmentConfig(PretrainedConfig):
             raise ValueError(
                 f"`block_out_channels` must be a non-empty list of positive multiples of 8, got {block_out_channels!r}."
             )
-        for name in ("image_size", "num_channels", "layers_per_block", "codebook_size", "codebook_dim",
+        for name in ("image_size", "num_channels", "patch_size", "layers_per_block", "codebook_size", "codebook_dim",
                      "text_embed_dim", "projection_dim", "contrastive_width", "contrastive_layers", "contrastive_heads"):
             value = locals()[name]
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        factor = 2 ** (len(block_out_channels) - 1)
-        if image_size % factor:
+        factor = patch_size * 2 ** (len(block_out_channels) - 1)
+        if not isinstance(image_size, int) or image_size % factor:
             raise ValueError(
-                f"`image_size` ({image_size}) must be divisible by the downsampling factor {factor} "
-                f"(2 ** (len(block_out_channels) - 1))."
+                f"`image_size` ({image_size!r}) must be divisible by the downsampling factor {factor} "
+                f"(patch_size * 2 ** (len(block_out_channels) - 1))."
             )
         if contrastive_width % contrastive_heads:
             raise ValueError(
@@ -87,6 +90,7 @@ class DalleAlignmentConfig(PretrainedConfig):
             )
         self.image_size = image_size
         self.num_channels = num_channels
+        self.patch_size = patch_size
         self.block_out_channels = block_out_channels
         self.layers_per_block = layers_per_block
         self.codebook_size = codebook_size
@@ -103,7 +107,7 @@ class DalleAlignmentConfig(PretrainedConfig):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+        return self.patch_size * 2 ** (len(self.block_out_channels) - 1)
 
     @property
     def grid_size(self) -> int:
@@ -144,17 +148,20 @@ class ResBlock(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """(B, 3, H, W) -> (B, codebook_dim, H/f, W/f)."""
+    """(B, 3, H, W) -> (B, codebook_dim, H/f, W/f).
+
+    A patchify conv (kernel = stride = `patch_size`) first, then residual blocks, halving the resolution between
+    levels. Keeping the work at low resolution with wide channels is what makes the autoencoder fast on CPUs.
+    """
 
     def __init__(self, config: DalleAlignmentConfig):
         super().__init__()
         ch = config.block_out_channels
-        layers = [nn.Conv2d(config.num_channels, ch[0], 3, padding=1)]
+        layers = [nn.Conv2d(config.num_channels, ch[0], config.patch_size, stride=config.patch_size)]
         for i, out_ch in enumerate(ch):
-            in_ch = ch[max(i - 1, 0)]
-            layers += [ResBlock(in_ch if j == 0 else out_ch, out_ch) for j in range(config.layers_per_block)]
-            if i < len(ch) - 1:
-                layers.append(nn.Conv2d(out_ch, out_ch, 3, stride=2, padding=1))
+            if i > 0:
+                layers.append(nn.Conv2d(ch[i - 1], out_ch, 3, stride=2, padding=1))
+            layers += [ResBlock(out_ch, out_ch) for _ in range(config.layers_per_block)]
         layers += [ResBlock(ch[-1], ch[-1]), nn.GroupNorm(8, ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], config.codebook_dim, 1)]
         self.layers = nn.Sequential(*layers)
 
@@ -163,18 +170,19 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """(B, codebook_dim, h, w) -> (B, 3, h*f, w*f)."""
+    """(B, codebook_dim, h, w) -> (B, 3, h*f, w*f): residual blocks, sub-pixel (pixel-shuffle) upsampling."""
 
     def __init__(self, config: DalleAlignmentConfig):
         super().__init__()
         ch = list(reversed(config.block_out_channels))
         layers = [nn.Conv2d(config.codebook_dim, ch[0], 3, padding=1), ResBlock(ch[0], ch[0])]
         for i, out_ch in enumerate(ch):
-            in_ch = ch[max(i - 1, 0)]
-            layers += [ResBlock(in_ch if j == 0 else out_ch, out_ch) for j in range(config.layers_per_block + 1)]
-            if i < len(ch) - 1:
-                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(out_ch, out_ch, 3, padding=1)]
-        layers += [nn.GroupNorm(8, ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], config.num_channels, 3, padding=1)]
+            if i > 0:  # (B, C, h, w) -> (B, out_ch, 2h, 2w)
+                layers += [nn.Conv2d(ch[i - 1], out_ch * 4, 3, padding=1), nn.PixelShuffle(2)]
+            layers += [ResBlock(out_ch, out_ch) for _ in range(config.layers_per_block + 1)]
+        p = config.patch_size  # (B, C, h, w) -> (B, 3 * p * p, h, w) -> (B, 3, h * p, w * p)
+        layers += [nn.GroupNorm(8, ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], config.num_channels * p * p, 3, padding=1),
+                   nn.PixelShuffle(p)]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z):

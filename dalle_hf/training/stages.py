@@ -115,7 +115,7 @@ class AutoencoderStage(Stage):
                  else DalleAlignmentModel(self.config))
         for name, p in model.named_parameters():  # only the autoencoder trains here
             p.requires_grad_(name.split(".")[0] in ("encoder", "quantizer", "decoder"))
-        disc = PatchDiscriminator(model.config.num_channels)
+        disc = PatchDiscriminator(model.config.num_channels, width=32)
         params = [p for p in model.parameters() if p.requires_grad]
         opt_ae = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.5, 0.9), weight_decay=0.0)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=args.learning_rate, betas=(0.5, 0.9), weight_decay=0.0)
