@@ -185,6 +185,11 @@ class ConvDecoder(nn.Module):
                    nn.PixelShuffle(p)]
         self.layers = nn.Sequential(*layers)
 
+    @property
+    def last_layer(self) -> nn.Conv2d:
+        """The output conv (the adversarial loss is balanced against the reconstruction loss at its weight)."""
+        return self.layers[-2]
+
     def forward(self, z):
         return self.layers(z)
 

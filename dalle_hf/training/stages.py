@@ -132,7 +132,7 @@ class AutoencoderStage(Stage):
         return next(self.batches)
 
     def _adaptive_weight(self, rec_loss, g_loss):
-        last = self.accelerator.unwrap_model(self.model).decoder.layers[-1].weight
+        last = self.accelerator.unwrap_model(self.model).decoder.last_layer.weight
         g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
         g_adv = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
         return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach() * self.disc_weight
