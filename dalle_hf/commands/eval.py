@@ -42,6 +42,7 @@ def main(args) -> int:
         raise SystemExit(f"error: --seed must be a non-negative integer, got {args.seed}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = DallePipeline.from_pretrained(args.model).to(device)
+    pipe.set_progress_bar_config(disable=True)  # one bar, over prompts
     report = evaluate_pipeline(pipe, num_candidates=args.num_candidates, batch_size=args.batch_size,
                                seed=args.seed, max_prompts=args.max_prompts, progress=not args.no_progress)
     if not args.no_reconstruction:

@@ -508,7 +508,8 @@ class ShapesWorldDataset(torch.utils.data.IterableDataset):
     """ShapesWorld as a torch IterableDataset of {"pixel_values": (3, 64, 64) in [-1, 1], "text": caption}.
 
     The stream is sharded by scene index across distributed ranks and DataLoader workers: shard
-    `rank * num_workers + worker_id` of `world_size * num_workers` yields scenes shard, shard + n, shard + 2n, ...
+    `worker_id * world_size + rank` of `n = world_size * num_workers` yields scenes shard, shard + n, ... So rank
+    r always gets the scenes r, r + world_size, r + 2 * world_size, ..., however many workers it uses.
     `num_samples` (None = infinite) counts scenes over all shards together, each index exactly once.
     """
 
@@ -528,7 +529,7 @@ class ShapesWorldDataset(torch.utils.data.IterableDataset):
     def _shard(self) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.rank * num_workers + worker_id, self.world_size * num_workers
+        return worker_id * self.world_size + self.rank, self.world_size * num_workers
 
     def __iter__(self) -> Iterator[dict]:
         shard, num_shards = self._shard()

@@ -118,10 +118,12 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[dict]:
 def select_prompts(prompts: Sequence[dict], max_prompts: int | None) -> list[dict]:
     """At most `max_prompts` prompts, taken round-robin over categories so each stays represented."""
     prompts = list(prompts)
-    if max_prompts is None or max_prompts >= len(prompts):
+    if max_prompts is None:
         return prompts
     if isinstance(max_prompts, bool) or not isinstance(max_prompts, int) or max_prompts < 1:
         raise ValueError(f"max_prompts={max_prompts!r} must be a positive integer or None")
+    if max_prompts >= len(prompts):
+        return prompts
     queues: dict[str, list[dict]] = {}
     for p in prompts:
         queues.setdefault(p["category"], []).append(p)
@@ -311,12 +313,22 @@ def detector_accuracy(scenes: Sequence, images: Any) -> dict:
             "exact_scene": exact / n, "num_images": len(scenes), "num_objects": total}
 
 
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, H, W, 3) images resized to (N, size, size, 3) (bilinear), or as they are when already that size."""
+    if images.shape[1:3] == (size, size):
+        return images
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
+
+
 @torch.no_grad()
 def evaluate_reconstruction(alignment, num_images: int = 512, seed: int = 1234, batch_size: int = 64) -> dict:
     """Encode and decode `num_images` ShapesWorld scenes (all colour-shape pairs) with the image tokenizer.
 
-    Returns detector accuracy per attribute on the reconstructions, count accuracy, exact-scene rate, PSNR (dB, on
-    [0, 1] images) and codebook usage (fraction of the `alignment.config.codebook_size` codes used).
+    Scenes are resized to `alignment.config.image_size` when that is not 64. Returns detector accuracy per
+    attribute on the reconstructions, count accuracy, exact-scene rate, PSNR (dB, on [0, 1] images, at the
+    tokenizer's resolution) and codebook usage (fraction of the `alignment.config.codebook_size` codes used).
     """
     for name, value in (("num_images", num_images), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -326,15 +338,16 @@ def evaluate_reconstruction(alignment, num_images: int = 512, seed: int = 1234, 
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     world = ShapesWorld(seed, held_out="include")
     scenes = [world.scene(i) for i in range(num_images)]
-    truth = np.stack([render(s) for s in scenes])
+    truth = _resize(np.stack([render(s) for s in scenes]), getattr(alignment.config, "image_size", IMAGE_SIZE))
     recon, used, psnrs = [], set(), []
     for b in range(0, num_images, batch_size):
-        batch = torch.from_numpy(truth[b:b + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        target = truth[b:b + batch_size]
+        batch = torch.from_numpy(target).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         codes = alignment.encode(batch.to(device=device, dtype=dtype))
         used.update(torch.unique(codes).tolist())
         out = alignment.decode(codes).float().clamp(-1, 1).cpu()
         images01 = ((out + 1) / 2).permute(0, 2, 3, 1).numpy()
-        mse = ((images01 - truth[b:b + batch_size] / 255.0) ** 2).reshape(len(images01), -1).mean(1)
+        mse = ((images01 - target / 255.0) ** 2).reshape(len(images01), -1).mean(1)
         psnrs.extend(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))
         recon.append(to_uint8(images01))
     report = detector_accuracy(scenes, np.concatenate(recon))
