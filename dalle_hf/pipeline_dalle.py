@@ -135,8 +135,8 @@ class DallePipeline(DiffusionPipeline):
         if isinstance(generator, list):
             if len(generator) != num_images or not all(isinstance(g, torch.Generator) for g in generator):
                 raise ValueError(
-                    f"`generator` is a list of {len(generator)} items; it must hold one torch.Generator per image, "
-                    f"len(prompt) * num_images_per_prompt = {num_images}."
+                    f"`generator` must hold one torch.Generator per image (len(prompt) * num_images_per_prompt = "
+                    f"{num_images}), got a list of {len(generator)} items."
                 )
         elif generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be None, a torch.Generator or a list of them, got {generator!r:.100}.")
@@ -144,7 +144,8 @@ class DallePipeline(DiffusionPipeline):
             self._check_int("num_keep_rows", self.grid_size // 2 if num_keep_rows is None else num_keep_rows,
                             0, self.grid_size - 1)
         elif num_keep_rows is not None:
-            raise ValueError(f"`num_keep_rows` ({num_keep_rows!r}) only applies with `image`; pass an image to complete.")
+            raise ValueError(f"`num_keep_rows` only applies with `image` (an image to complete), got {num_keep_rows!r} "
+                             "and no image.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         if not isinstance(return_dict, bool):
@@ -200,7 +201,7 @@ class DallePipeline(DiffusionPipeline):
         x = torch.stack([p if p.shape[-1] == size else F.interpolate(p[None], size=(size, size), mode="bilinear",
                                                                      align_corners=False)[0] for p in pixels])
         if x.shape[0] not in (1, num_images):
-            raise ValueError(f"`image` holds {x.shape[0]} images; pass 1 or one per generated image ({num_images}).")
+            raise ValueError(f"`image` must hold 1 image or one per generated image ({num_images}), got {x.shape[0]}.")
         codes = self.alignment.encode(x.to(self._execution_device, self.alignment.dtype) * 2 - 1)
         return codes[:, : num_keep_rows * self.grid_size].expand(num_images, -1)
 
