@@ -351,3 +351,76 @@ class DallePipeline(DiffusionPipeline):
         if not return_dict:
             return images, scores
         return DallePipelineOutput(images=images, scores=scores)
+
+    # ---- the Hub: loading by repo id, self-contained saving, one-commit pushes (dalle_hf/hub.py) --------------------
+    # These methods import dalle_hf.hub, so the exported standalone `pipeline.py` leaves them out.
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DallePipeline":
+        r"""
+        Load a pipeline from a folder or a Hub repo id (`"org/name"`).
+
+        A repo id is fetched with `huggingface_hub.snapshot_download` (honouring `revision`, `cache_dir`, `token`,
+        `local_files_only`, `force_download` and `HF_HUB_OFFLINE`), then loaded from the local snapshot. Both the
+        package format (what `save_pretrained` writes) and the self-contained format (what `push_to_hub` uploads)
+        load, always with dalle_hf's own classes, so no `trust_remote_code` is needed. Weights are loaded as float32
+        unless `dtype` (or `torch_dtype`) is given: a checkpoint saved in bfloat16 samples in float32 on CPU.
+        """
+        from .hub import is_self_contained, load_self_contained, resolve_pretrained
+
+        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only",
+                                                 "force_download") if k in kwargs}
+        dtype = kwargs.pop("dtype", None)
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        dtype = dtype if dtype is not None else (torch_dtype if torch_dtype is not None else torch.float32)
+        kwargs.pop("trust_remote_code", None)  # the package's classes are used, never the folder's code
+        folder = resolve_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if is_self_contained(folder):
+            pipe = load_self_contained(cls, folder, dtype=dtype, **kwargs)
+        else:
+            pipe = super().from_pretrained(folder, dtype=dtype, **kwargs)
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size=None, push_to_hub: bool = False, self_contained: bool = False,
+                        model_card=None, **kwargs):
+        r"""
+        Save the pipeline. By default in the package format (components named by their dalle_hf modules; loads with
+        `DallePipeline.from_pretrained`). `self_contained=True` also writes each component's single-file code and
+        `pipeline.py`, so that `diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads
+        it without dalle_hf. `model_card`: a dict of `dalle_hf.hub.render_model_card` arguments, or the text, written
+        as README.md. `push_to_hub=True` then pushes (self-contained, one commit) to `repo_id`.
+        """
+        from .hub import MODEL_CARD_NAME, make_self_contained, render_model_card
+
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr")
+                      if k in kwargs}
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,
+                                max_shard_size=max_shard_size, push_to_hub=False, **kwargs)
+        if self_contained:
+            make_self_contained(save_directory)
+        if model_card is not None:
+            text = model_card if isinstance(model_card, str) else render_model_card(**model_card)
+            with open(f"{save_directory}/{MODEL_CARD_NAME}", "w", encoding="utf-8") as f:
+                f.write(text)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", str(save_directory).rstrip("/").split("/")[-1])
+            self.push_to_hub(repo_id, model_card=model_card, safe_serialization=safe_serialization, variant=variant,
+                             **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, revision: str | None = None, model_card=None, extra_folders=None):
+        r"""
+        Push the pipeline to the Hub as ONE commit (`HfApi.create_commit`): the self-contained folder (weights,
+        configs with `auto_map`, single-file code per component, `pipeline.py`, tokenizer) and a model card
+        (`model_card`: a dict of `dalle_hf.hub.render_model_card` arguments, or the text). `extra_folders`
+        ({path_in_repo: local folder}) go into the same commit, e.g. a LoRA adapter. Returns the `CommitInfo`.
+        """
+        from .hub import push_pipeline_to_hub
+
+        return push_pipeline_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token,
+                                    create_pr=create_pr, revision=revision, model_card=model_card,
+                                    extra_folders=extra_folders, safe_serialization=safe_serialization,
+                                    variant=variant)
