@@ -51,12 +51,12 @@ RECIPES = {
         alignment=dict(image_size=64, patch_size=4, block_out_channels=[64, 192], layers_per_block=1, codebook_size=512,
                        codebook_dim=32, projection_dim=128, contrastive_width=128, contrastive_layers=2,
                        contrastive_heads=4),
-        autoencoder_args=dict(max_steps=1500, batch_size=32, learning_rate=5e-4, warmup_steps=100, save_every=250),
-        decoder_args=dict(max_steps=2500, batch_size=64, learning_rate=8e-4, warmup_steps=150, save_every=250,
+        autoencoder_args=dict(max_steps=5000, batch_size=32, learning_rate=5e-4, warmup_steps=100, save_every=250),
+        decoder_args=dict(max_steps=2000, batch_size=64, learning_rate=8e-4, warmup_steps=150, save_every=250,
                           weight_decay=0.05, eval_every=500),
         contrastive_args=dict(max_steps=600, batch_size=128, learning_rate=5e-4, warmup_steps=50, save_every=200),
         num_code_images=100000,
-        disc_start=600,
+        disc_start=2000,
     ),
     # A few-second version for tests and smoke runs.
     "tiny": Recipe(
