@@ -327,7 +327,7 @@ def plot(summary: dict, path: Path) -> bool:
                 ax.plot(*zip(*pts), marker="o", label=c, color=colors[c])
         bound = [(r["batch"], r["flop_bound_s"]) for r in sel if "flop_bound_s" in r]
         if bound:
-            ax.plot(*zip(*bound), ls="--", color=colors["dalle-hf"], alpha=0.5, label="dalle-hf FLOP bound")
+            ax.plot(*zip(*bound), ls="--", marker="x", color=colors["dalle-hf"], alpha=0.5, label="dalle-hf FLOP bound")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks([r["batch"] for r in sel], [str(r["batch"]) for r in sel])

@@ -5,9 +5,9 @@ DALLEHF below, picked so that text encoder + image decoder match the peers' coun
 (the orchestrator checks this). Called exactly as a user would:
 `pipe(prompt=[...], guidance_scale=g, generator=[one torch.Generator per image], output_type="np")`.
 
-With `--flops`, besides the timings it reports FLOPs of one (extra, untimed) call (see flops.py / docs/bench_peers.md): analytic counts
-for the image decoder and the text encoder, FlopCounterMode for the pixel decoder, and FlopCounterMode
-over the whole call as a cross-check.
+With `--flops` (the orchestrator passes it in round 0), besides the timings it reports the FLOPs of one extra,
+untimed call (see flops.py and docs/bench_peers.md): analytic counts for the image decoder and the text encoder,
+FlopCounterMode for the pixel decoder, and FlopCounterMode over the whole call as a cross-check.
 """
 from __future__ import annotations
 
