@@ -1,0 +1,110 @@
+"""Release a trained pipeline as the embedded default model: evaluate it, ship it, write its card.
+
+    .venv/bin/python benchmarks/release_default_model.py --run runs/shapes [--tune]
+
+Steps:
+1. (with --tune) sampling settings swept on *validation* captions (fresh ShapesWorld captions, seed 4242 — not the
+   benchmark prompts), so the pipeline's defaults are not fitted to the benchmark;
+2. the pipeline is saved in bf16 into `dalle_hf/default_model` (temp folder, then rename);
+3. ShapesEval on the shipped model, without and with reranking (8 candidates), and the autoencoder's reconstruction
+   quality; reports go to `benchmarks/results/`;
+4. `model_card.md` and `docs/images/default_model_samples.png` are written from those numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+import dalle_hf
+from dalle_hf import DallePipeline
+from dalle_hf.data import sample_captions
+from dalle_hf.evaluation import evaluate_pipeline, evaluate_reconstruction, format_table, write_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+SAMPLE_PROMPTS = [
+    "a small red circle in the top left",
+    "a large blue square in the center",
+    "a green triangle to the left of a yellow square",
+    "a pink diamond above a cyan circle",
+    "a red square at the top and a blue circle at the bottom",
+    "three orange circles",
+    "two purple diamonds",
+    "a purple triangle",  # held-out pair
+]
+
+
+def tune(pipe, num_prompts: int) -> list[dict]:
+    prompts = sample_captions(num_prompts, seed=4242, held_out="exclude")
+    rows = []
+    for guidance in (1.5, 2.0, 3.0, 4.0):
+        for top_k in (0, 32):
+            report = evaluate_pipeline(pipe, prompts=prompts, guidance_scale=guidance, top_k=top_k, progress=False)
+            rows.append(dict(guidance_scale=guidance, top_k=top_k, overall=report["overall"]))
+            print(f"guidance {guidance} top_k {top_k}: {report['overall']:.3f}", flush=True)
+    return rows
+
+
+def ship(pipe, target: str) -> None:
+    tmp = tempfile.mkdtemp(prefix=".tmp-default-", dir=os.path.dirname(target))
+    pipe.to(dtype=torch.bfloat16).save_pretrained(tmp)
+    pipe.to(dtype=torch.float32)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def sample_grid(pipe, path: str) -> None:
+    from PIL import Image, ImageDraw
+
+    out = pipe(SAMPLE_PROMPTS, num_images_per_prompt=4, num_candidates=8,
+               generator=[torch.Generator().manual_seed(i) for i in range(4 * len(SAMPLE_PROMPTS))])
+    cell, label = 128, 300
+    grid = Image.new("RGB", (label + 4 * (cell + 4), len(SAMPLE_PROMPTS) * (cell + 4)), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, prompt in enumerate(SAMPLE_PROMPTS):
+        draw.text((6, row * (cell + 4) + cell // 2 - 6), prompt, fill="black")
+        for col in range(4):
+            image = out.images[row * 4 + col].resize((cell, cell), Image.NEAREST)
+            grid.paste(image, (label + col * (cell + 4), row * (cell + 4)))
+    grid.save(path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/shapes", help="The recipe's output folder.")
+    parser.add_argument("--tune", action="store_true")
+    parser.add_argument("--tune-prompts", type=int, default=160)
+    parser.add_argument("--skip-ship", action="store_true", help="Evaluate the already shipped model.")
+    args = parser.parse_args(argv)
+    os.makedirs(RESULTS, exist_ok=True)
+    if not args.skip_ship:
+        pipe = DallePipeline.from_pretrained(os.path.join(args.run, "pipeline"))
+        pipe.set_progress_bar_config(disable=True)
+        if args.tune:
+            with open(os.path.join(RESULTS, "tuning.json"), "w") as f:
+                json.dump(tune(pipe, args.tune_prompts), f, indent=2)
+        ship(pipe, dalle_hf.DEFAULT_MODEL)
+    pipe = DallePipeline.from_pretrained(dalle_hf.DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    reports = {}
+    for name, candidates in (("default", None), ("rerank8", 8)):
+        t0 = time.perf_counter()
+        reports[name] = evaluate_pipeline(pipe, num_candidates=candidates, progress=True)
+        reports[name]["seconds"] = time.perf_counter() - t0
+        write_report(os.path.join(RESULTS, f"shapeseval_{name}.json"), reports[name])
+        print(f"\n{name}:\n{format_table(reports[name])}", flush=True)
+    recon = evaluate_reconstruction(pipe.alignment, num_images=1000)
+    write_report(os.path.join(RESULTS, "reconstruction.json"), recon)
+    print(json.dumps(recon, indent=1, default=str))
+    sample_grid(pipe, os.path.join(ROOT, "docs", "images", "default_model_samples.png"))
+
+
+if __name__ == "__main__":
+    main()
