@@ -69,12 +69,14 @@ def _deficit(image: np.ndarray) -> np.ndarray:
 
 
 def opacity_map(image: np.ndarray) -> np.ndarray:
-    """Per-pixel opacity of the best-fitting palette colour over white, (H, W) float32."""
-    d = _deficit(image)  # (H, W, 3)
-    alpha = np.maximum(d @ _DEFICIT.T / _DEFICIT_NORM2, 0.0)  # (H, W, K)
-    residual = ((d[..., None, :] - alpha[..., None] * _DEFICIT) ** 2).sum(-1)  # (H, W, K)
-    best = residual.argmin(-1)
-    return np.take_along_axis(alpha, best[..., None], axis=-1)[..., 0]
+    """Per-pixel opacity of the best-fitting palette colour over white, (H, W) float32.
+
+    The best fit leaves the smallest residual |d - a v|^2 = |d|^2 - (d.v)^2 / |v|^2 (d: the pixel's deficit from
+    white, v: the colour's, a = d.v / |v|^2 >= 0), i.e. the largest (d.v)^2 / |v|^2.
+    """
+    proj = np.maximum(_deficit(image) @ _DEFICIT.T, 0.0)  # (H, W, K): d.v
+    best = (proj * proj / _DEFICIT_NORM2).argmax(-1)
+    return np.take_along_axis(proj, best[..., None], axis=-1)[..., 0] / _DEFICIT_NORM2[best]
 
 
 def color_opacity(deficit: np.ndarray, color: int) -> np.ndarray:
@@ -86,14 +88,15 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """4-connected component labels of a boolean mask: (labels 0 = background, 1..n), n."""
     h, w = mask.shape
     big = h * w
-    index = np.arange(h * w).reshape(h, w)
-    labels = np.where(mask, index, big)
-    while True:
-        pad = np.pad(labels, 1, constant_values=big)
-        new = np.minimum.reduce([labels, pad[:-2, 1:-1], pad[2:, 1:-1], pad[1:-1, :-2], pad[1:-1, 2:]])
-        new = np.where(mask, new, big)
-        flat = np.append(new.ravel(), big)
-        new = flat[new]  # pointer jumping: adopt the label of the pixel our label points at
+    labels = np.where(mask, np.arange(h * w).reshape(h, w), big)
+    while True:  # each pixel takes the smallest label among itself and its 4 neighbours ...
+        new = labels.copy()
+        np.minimum(new[1:], labels[:-1], out=new[1:])
+        np.minimum(new[:-1], labels[1:], out=new[:-1])
+        np.minimum(new[:, 1:], labels[:, :-1], out=new[:, 1:])
+        np.minimum(new[:, :-1], labels[:, 1:], out=new[:, :-1])
+        new[~mask] = big
+        new = np.append(new.ravel(), big)[new]  # ... then jumps to the label of the pixel its label points at
         if np.array_equal(new, labels):
             break
         labels = new
