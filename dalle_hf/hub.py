@@ -449,7 +449,7 @@ def render_model_card(
     )
     title = title or repo_id.split("/")[-1]
     if description is None:
-        description = ("A DALL-E-style text-to-image model made with [dalle-hf](https://github.com/dalle-hf/dalle-hf): "
+        description = ("A DALL-E-style text-to-image model made with dalle-hf (a Hugging Face-native DALL-E): "
                        "a Transformer text encoder, an autoregressive image-code decoder and a VQ autoencoder with a "
                        "CLIP-style alignment head that reranks candidates.")
         if base_model:
