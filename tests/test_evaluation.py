@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from dalle_hf.data import HELD_OUT_PAIRS, CaptionSpec, ObjectSpec, ShapeObject, ShapesWorld, parse_caption, render
+from dalle_hf.data import (
+    HELD_OUT_PAIRS,
+    CaptionSpec,
+    ObjectSpec,
+    ShapeObject,
+    ShapesWorld,
+    parse_caption,
+    render,
+    scene_from_spec,
+)
 from dalle_hf.evaluation import (
     CATEGORIES,
     DetectedObject,
@@ -174,8 +183,6 @@ class FakePipeline:
                 images.append(np.full((32, 32, 3), 255, np.uint8))
             else:
                 world = ShapesWorld(seed=0, held_out="include")
-                from dalle_hf.data import scene_from_spec
-
                 images.append(render(scene_from_spec(parse_caption(text), world.rng(g.initial_seed()))))
         return SimpleNamespace(images=np.stack(images).astype(np.float32) / 255.0)
 
