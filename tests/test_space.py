@@ -274,6 +274,53 @@ def test_api_exposes_only_generate(client):
     assert info["unnamed_endpoints"] == {}
 
 
+def test_a_crowd_gets_images_or_a_clean_queue_full(tiny_model, tmp_path):
+    """20 clients at once: 1 runs, 16 wait, 3 are refused with "queue is full"; all 17 others get images.
+    The pipeline is held at a gate until the crowd has arrived, so the outcome does not depend on speed."""
+    import app
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+    from gradio_client.utils import QueueError
+
+    space = demo.DalleSpace(demo.load_pipeline(tiny_model), out_dir=tmp_path / "out")
+    gate = threading.Event()
+
+    class GatedPipe:
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def __getattr__(self, name):
+            return getattr(self.pipe, name)
+
+        def __call__(self, **kwargs):
+            gate.wait(timeout=120)
+            return self.pipe(**kwargs)
+
+    ui = app.build_demo(space)
+    space.pipe = GatedPipe(space.pipe)
+    kwargs = {**app.launch_kwargs(free_port()), "server_name": "127.0.0.1"}
+    ui.launch(prevent_thread_lock=True, quiet=True, **kwargs)
+    try:
+        url = f"http://127.0.0.1:{kwargs['server_port']}"
+        client = Client(url, verbose=False, download_files=str(tmp_path), httpx_kwargs={"timeout": 120})
+        jobs = [client.submit(prompt="two blue squares", num_images=1, api_name="/generate") for _ in range(20)]
+        deadline = time.monotonic() + 60
+        while sum(j.done() for j in jobs) < 3 and time.monotonic() < deadline:  # the refusals come back first
+            time.sleep(0.1)
+        gate.set()
+        results = []
+        for job in jobs:
+            try:
+                gallery, _ = job.result(timeout=300)
+                results.append("ok" if len(gallery) == 1 else "bad")
+            except (QueueError, AppError) as exc:
+                results.append("refused" if "queue is full" in str(exc).lower() else f"{type(exc).__name__}: {exc}")
+    finally:
+        gate.set()
+        ui.close()
+    assert sorted(results) == ["ok"] * 17 + ["refused"] * 3, results
+
+
 def test_serves_no_other_files(server):
     url, _ = server
     for path in ["/etc/passwd", str(SPACE_DIR / "app.py"), "app.py", str(ROOT / "pyproject.toml")]:
