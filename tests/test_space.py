@@ -176,6 +176,30 @@ def test_closing_the_stream_stops_the_worker(space, monkeypatch):
     assert not any(t.name == "dalle-hf-generate" and t.is_alive() for t in threading.enumerate())
 
 
+def test_binds_all_interfaces_only_inside_a_space(monkeypatch):
+    import app
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    local = app.launch_kwargs()
+    assert (local["server_name"], local["server_port"], local["share"]) == ("127.0.0.1", 7860, False)
+    assert "allowed_paths" not in local
+    monkeypatch.setenv("SPACE_ID", "someone/dalle-hf")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    space = app.launch_kwargs()
+    assert (space["server_name"], space["server_port"], space["share"]) == ("0.0.0.0", 7999, False)
+
+
+def test_space_card_front_matter():
+    text = (SPACE_DIR / "README.md").read_text()
+    assert text.startswith("---\n")
+    card = dict(line.split(": ", 1) for line in text.split("---\n")[1].strip().splitlines())
+    assert card["sdk"] == "gradio" and card["app_file"] == "app.py"
+    assert card["sdk_version"] == gr.__version__
+    assert {"title", "emoji", "colorFrom", "colorTo", "license", "short_description"} <= set(card)
+    assert len(card["short_description"]) <= 60
+
+
 def test_outputs_are_pruned(space, monkeypatch):
     old = space.out_dir / "old"
     old.mkdir()
