@@ -6,10 +6,17 @@ autocast (through accelerate's `mixed_precision`), the tqdm bar, tensorboard log
 
 Distributed training (DDP, FSDP, DeepSpeed, several CPU processes) is accelerate's: launch with `accelerate launch`
 or `torchrun`; nothing here talks to torch.distributed directly.
+
+Debugging data sharding: with the environment variable `DALLE_HF_DEBUG_DATA_LOG=PATH`, every process appends JSON
+lines to `PATH.rank{N}`: for the first `DEBUG_DATA_LOG_STEPS` steps of each stage (counted from the start or the
+resume point) `{"stage", "step", "samples"}`, a short hash per sample of the batch (its caption, image and codes),
+and at the end of each stage `{"stage", "step", "weights"}`, one hash of all the stage's trained weights. Ranks
+that shard correctly log disjoint samples; ranks that stay in sync end with the same weights hash.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,10 +27,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import extract_model_from_parallel, set_seed
 from tqdm.auto import tqdm
 
 CHECKPOINT_RE = re.compile(r"^step_(\d+)$")
+DEBUG_DATA_LOG_ENV = "DALLE_HF_DEBUG_DATA_LOG"
+DEBUG_DATA_LOG_STEPS = 3
+_SAMPLE_KEYS = ("text", "pixel_values", "codes")  # what identifies a sample (not its padding-dependent tokens)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -50,14 +64,18 @@ class TrainingArguments:
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_every", "log_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         for name in ("warmup_steps", "eval_every", "keep_checkpoints"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate!r}.")
+        for name, positive in (("learning_rate", True), ("max_grad_norm", True), ("weight_decay", False)):
+            value = getattr(self, name)
+            if not _is_real(value) or not (value > 0 if positive else value >= 0):  # NaN fails both
+                raise ValueError(f"`{name}` must be {'positive' if positive else 'non-negative'}, got {value!r}.")
+        if not _is_real(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio!r}.")
 
 
 def make_accelerator(mixed_precision: str = "bf16", gradient_accumulation_steps: int = 1, project_dir: str = ".",
@@ -114,10 +132,47 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_root: str, step: int, k
     return final
 
 
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def batch_fingerprints(batch: dict) -> list[str]:
+    """A short hash per sample of a batch dict, from its caption / image / codes (tensors split along dim 0)."""
+    keys = [k for k in _SAMPLE_KEYS if k in batch]
+    if not keys:
+        return []
+    out = []
+    for i in range(len(batch[keys[0]])):
+        h = hashlib.sha1()
+        for k in keys:
+            v = batch[k][i]
+            h.update(_tensor_bytes(v) if isinstance(v, torch.Tensor) else repr(v).encode())
+        out.append(h.hexdigest()[:16])
+    return out
+
+
+def weights_fingerprint(modules) -> str:
+    """One hash of the modules' state dicts (DDP and other wrappers removed)."""
+    h = hashlib.sha1()
+    for module in modules:
+        for name, value in sorted(extract_model_from_parallel(module).state_dict().items()):
+            h.update(name.encode())
+            h.update(_tensor_bytes(value))
+    return h.hexdigest()
+
+
+def _debug_log(accelerator: Accelerator, record: dict) -> None:
+    path = os.environ.get(DEBUG_DATA_LOG_ENV)
+    if path:
+        with open(f"{path}.rank{accelerator.process_index}", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 class Stage:
     """What a stage provides to the loop. Subclasses set `name` and implement the methods below."""
 
     name = "stage"
+    resume_step = 0  # set by the loop before `setup`: the step it resumes from, so a stream can continue
 
     def setup(self, accelerator: Accelerator, args: TrainingArguments) -> None:
         """Build models, optimizers and data; `accelerator.prepare` them. Must set `self.optimizers`."""
@@ -145,12 +200,13 @@ class Stage:
 def run_stage(stage: Stage, accelerator: Accelerator, args: TrainingArguments) -> dict[str, float]:
     """Train `stage` to `args.max_steps`, resuming from the newest checkpoint in `args.output_dir` if asked."""
     set_seed(args.seed, device_specific=True)
-    stage.setup(accelerator, args)
-    schedule = warmup_cosine(args.warmup_steps, args.max_steps, args.min_lr_ratio)
-    schedulers = [accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(opt, schedule)) for opt in stage.optimizers]
     checkpoint_root = os.path.join(args.output_dir, "checkpoints")
     start = 0
     found = latest_checkpoint(checkpoint_root) if args.resume else None
+    stage.resume_step = found[0] if found is not None else 0
+    stage.setup(accelerator, args)
+    schedule = warmup_cosine(args.warmup_steps, args.max_steps, args.min_lr_ratio)
+    schedulers = [accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(opt, schedule)) for opt in stage.optimizers]
     if found is not None:
         start, path = found
         accelerator.load_state(path)
@@ -159,10 +215,13 @@ def run_stage(stage: Stage, accelerator: Accelerator, args: TrainingArguments) -
     bar = tqdm(total=args.max_steps, initial=start, desc=stage.name, disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
     logs: dict[str, float] = {}
+    debug_log = bool(os.environ.get(DEBUG_DATA_LOG_ENV))
     t0, seen = time.perf_counter(), 0
     for step in range(start, args.max_steps):
         for _ in range(args.gradient_accumulation_steps):
             batch = stage.next_batch()
+            if debug_log and step - start < DEBUG_DATA_LOG_STEPS:
+                _debug_log(accelerator, {"stage": stage.name, "step": step, "samples": batch_fingerprints(batch)})
             with accelerator.accumulate(*stage.models()):
                 logs = stage.training_step(batch, step)
             seen += args.batch_size
@@ -182,6 +241,9 @@ def run_stage(stage: Stage, accelerator: Accelerator, args: TrainingArguments) -
             save_checkpoint(accelerator, checkpoint_root, done, args.keep_checkpoints)
         bar.update(1)
     bar.close()
+    if debug_log:
+        _debug_log(accelerator, {"stage": stage.name, "step": args.max_steps,
+                                 "weights": weights_fingerprint(stage.models())})
     accelerator.wait_for_everyone()
     stage.save(args.output_dir)
     accelerator.wait_for_everyone()

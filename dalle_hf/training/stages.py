@@ -58,17 +58,25 @@ class DataArguments:
         return self.train_data_dir is None and self.dataset_name is None
 
 
-def build_image_stream(data: DataArguments, seed: int, rank: int, world_size: int):
-    """An infinite IterableDataset of {"pixel_values", "text"}, sharded by rank (each rank sees different samples)."""
+def build_image_stream(data: DataArguments, seed: int, rank: int, world_size: int, skip: int = 0):
+    """An infinite IterableDataset of {"pixel_values", "text"}, sharded by rank (each rank sees different samples).
+
+    `skip`: samples all ranks together consumed before a resume; the ShapesWorld stream continues right after them,
+    a folder or dataset starts at its next unseen epoch (so a resumed run does not replay the data it began with).
+    """
     if data.builtin:
         from ..data import ShapesWorldDataset
 
-        return ShapesWorldDataset(seed=seed, weights=data.shapes_weights, rank=rank, world_size=world_size)
+        return ShapesWorldDataset(seed=seed, weights=data.shapes_weights, rank=rank, world_size=world_size,
+                                  start_index=skip)
     from ..data.folder import build_train_dataset
 
-    return build_train_dataset(train_data_dir=data.train_data_dir, dataset_name=data.dataset_name,
-                               image_column=data.image_column, caption_column=data.caption_column,
-                               resolution=data.resolution, seed=seed, rank=rank, world_size=world_size, infinite=True)
+    stream = build_train_dataset(train_data_dir=data.train_data_dir, dataset_name=data.dataset_name,
+                                 image_column=data.image_column, caption_column=data.caption_column,
+                                 resolution=data.resolution, seed=seed, rank=rank, world_size=world_size, infinite=True)
+    if skip:
+        stream.set_epoch(-(-skip // stream.num_rows))
+    return stream
 
 
 def collate_images(batch):
@@ -121,7 +129,9 @@ class AutoencoderStage(Stage):
         opt_d = torch.optim.AdamW(disc.parameters(), lr=args.learning_rate, betas=(0.5, 0.9), weight_decay=0.0)
         self.model, self.disc, opt_ae, opt_d = accelerator.prepare(model, disc, opt_ae, opt_d)
         self.optimizers = [opt_ae, opt_d]
-        stream = build_image_stream(self.data, args.seed, accelerator.process_index, accelerator.num_processes)
+        consumed = self.resume_step * args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+        stream = build_image_stream(self.data, args.seed, accelerator.process_index, accelerator.num_processes,
+                                    skip=consumed)
         self.batches = infinite(DataLoader(stream, batch_size=args.batch_size, collate_fn=collate_images))
         self.usage = torch.zeros(model.config.codebook_size, device=accelerator.device)
 
@@ -312,6 +322,12 @@ class DecoderStage(Stage):
             text_encoder, decoder = DalleTextEncoder(self.text_config), DalleImageDecoder(self.decoder_config)
         model = TextToCodes(text_encoder, decoder)
         opt = torch.optim.AdamW(decay_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.95))
+        # The pooled branch gets no gradient from the next-code loss (the contrastive stage trains it): frozen, so that
+        # DDP does not wait for gradients that never come. Frozen after the optimizer is built, whose groups (and so
+        # its checkpoints) stay as they were; AdamW skips parameters without a gradient.
+        for name, p in text_encoder.named_parameters():
+            if name.split(".")[0] in ("pooler", "text_projection"):
+                p.requires_grad_(False)
         collate = CaptionCollator(self.tokenizer, text_encoder.config.max_position_embeddings, self.caption_dropout,
                                   seed=args.seed + accelerator.process_index)
         loader = DataLoader(CodesDataset(codes, captions), batch_size=args.batch_size, shuffle=True, drop_last=True,
@@ -387,16 +403,16 @@ def swap_attributes(caption: str, rng: random.Random) -> str:
     words = caption.split()
     kinds = [g for g in _SWAP_GROUPS if any(w in g for w in words)]
     rng.shuffle(kinds)
-    for group in kinds:
+    for group in kinds:  # a swap of any kind first: same words, other binding
         idx = [i for i, w in enumerate(words) if w in group]
-        distinct = {words[i] for i in idx}
-        if len(distinct) >= 2:
-            i, j = rng.sample([i for i in idx], 2)
+        if len({words[i] for i in idx}) >= 2:
+            i, j = rng.sample(idx, 2)
             while words[i] == words[j]:
-                i, j = rng.sample([i for i in idx], 2)
+                i, j = rng.sample(idx, 2)
             words[i], words[j] = words[j], words[i]
             return " ".join(words)
-        i = rng.choice(idx)
+    for group in kinds[:1]:  # no kind has two different words: change one word
+        i = rng.choice([i for i, w in enumerate(words) if w in group])
         words[i] = rng.choice([w for w in group if w != words[i]])
         return " ".join(words)
     return caption
