@@ -316,3 +316,94 @@ def test_model_card_template(tmp_path):
                  "trust_remote_code=True", "ShapesWorld"):
         assert text in card.text
     assert "_Not measured yet._" in hub.render_model_card()
+
+
+# ---- a real Hub-protocol server: olah serving a local git repo (optional: needs .venv-olah) ---------------------------
+
+OLAH = Path(__file__).resolve().parents[1] / ".venv-olah" / "bin" / "olah-cli"
+
+BY_REPO_ID = r"""
+import sys
+import numpy as np
+import torch
+from dalle_hf import DallePipeline
+
+repo_id, sha, cache, out = sys.argv[1:5]
+pipe = DallePipeline.from_pretrained(repo_id, revision=sha, cache_dir=cache)
+pipe.set_progress_bar_config(disable=True)
+prompts, seeds = PROMPTS, SEEDS
+images = pipe(prompts, generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np").images
+np.save(out, images)
+"""
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not OLAH.exists(), reason="olah is not installed in .venv-olah (see docs/hub.md)")
+def test_repo_id_through_an_olah_hub_server(folders, reference, tmp_path):
+    """`DallePipeline.from_pretrained(repo_id)` and plain diffusers + trust_remote_code (no dalle_hf) download the
+    self-contained repo over the Hub's HTTP protocol from a local server, and draw the same images."""
+    import shutil
+    import time
+    import urllib.request
+
+    repo = tmp_path / "mirrors" / "models" / "org" / "tiny"
+    shutil.copytree(folders / "standalone", repo)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "init.defaultBranch=main"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "upload"]):
+        subprocess.run(git + cmd, cwd=repo, check=True, capture_output=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    port = _free_port()
+    (tmp_path / "olah.toml").write_text(textwrap.dedent(f"""
+        [basic]
+        host = "127.0.0.1"
+        port = {port}
+        mirrors-path = ["{tmp_path / 'mirrors'}"]
+        repos-path = "{tmp_path / 'olah-repos'}"
+        [accessibility]
+        offline = true
+        """))
+    server = subprocess.Popen([str(OLAH), "-c", str(tmp_path / "olah.toml")], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{url}/api/models/org/tiny/revision/{sha}", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
+        env.update(HF_ENDPOINT=url, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1", OMP_NUM_THREADS="1")
+        script = tmp_path / "by_repo_id.py"
+        script.write_text(BY_REPO_ID.replace("PROMPTS, SEEDS", f"{PROMPTS!r}, {SEEDS!r}"))
+        result = subprocess.run([sys.executable, str(script), "org/tiny", sha, str(tmp_path / "c1"),
+                                 str(tmp_path / "a.npy")], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), reference)
+
+        fresh = FRESH_PROCESS.replace("PROMPTS, SEEDS", f"{PROMPTS!r}, {SEEDS!r}").replace(
+            "folder, out = sys.argv[1], sys.argv[2]",
+            "from huggingface_hub import snapshot_download\n"
+            "repo_id, sha, cache, out = sys.argv[1:5]\n"
+            "pipe = DiffusionPipeline.from_pretrained(repo_id, revision=sha, cache_dir=cache, trust_remote_code=True)\n"
+            "folder = snapshot_download(repo_id, revision=sha, cache_dir=cache)")
+        script = tmp_path / "plain_diffusers.py"
+        script.write_text(fresh.replace("pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)\n", ""))
+        result = subprocess.run([sys.executable, "-I", str(script), "org/tiny", sha, str(tmp_path / "c2"),
+                                 str(tmp_path / "b.npz")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = np.load(tmp_path / "b.npz")
+        assert not out["loaded"].size and "dalle_hf" not in str(out["pipeline"])
+        np.testing.assert_array_equal(out["images"], reference)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
