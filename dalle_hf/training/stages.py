@@ -159,8 +159,12 @@ class AutoencoderStage(Stage):
         logs = {"rec_loss": rec_loss.item(), "quant_loss": out.quantization_loss.item()}
         adversarial = step >= self.disc_start
         if adversarial:
+            # The generator's term goes through the unwrapped discriminator with its weights frozen: no gradient
+            # lands on the discriminator (its own update below sees only the hinge loss) and DDP is not involved.
+            disc = acc.unwrap_model(self.disc).requires_grad_(False)
             with acc.autocast():
-                g_loss = -self.disc(rec).float().mean()
+                g_loss = -disc(rec).float().mean()
+            disc.requires_grad_(True)
             weight = self._adaptive_weight(rec_loss, g_loss)
             loss = loss + weight * g_loss
             logs.update(g_loss=g_loss.item(), adv_weight=weight.item())
