@@ -245,8 +245,8 @@ class DallePipeline(DiffusionPipeline):
         prompt: str | list[str],
         num_images_per_prompt: int = 1,
         num_candidates: int | None = None,
-        guidance_scale: float = 3.0,
-        temperature: float = 1.0,
+        guidance_scale: float = 1.5,
+        temperature: float = 0.6,
         top_k: int = 0,
         top_p: float = 1.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -264,8 +264,9 @@ class DallePipeline(DiffusionPipeline):
             num_images_per_prompt (`int`, defaults to 1): images per prompt.
             num_candidates (`int`, *optional*): sample this many candidates per image and keep the one the alignment
                 model scores best (DALL-E's reranking). `None` keeps the single sample.
-            guidance_scale (`float`, defaults to 3.0): classifier-free guidance; 1 turns it off (one pass per step).
-            temperature (`float`, defaults to 1.0): softmax temperature of the code distribution.
+            guidance_scale (`float`, defaults to 1.5): classifier-free guidance; 1 turns it off (one pass per step).
+            temperature (`float`, defaults to 0.6): softmax temperature of the code distribution.
+                (The defaults were chosen on validation captions, not on the benchmark: see README.)
             top_k (`int`, defaults to 0): keep only the k most likely codes at each step (0 = no limit).
             top_p (`float`, defaults to 1.0): nucleus sampling: keep the smallest set of codes whose mass reaches top_p.
             generator (`torch.Generator` or a list of them, *optional*): one per image makes each image reproducible
