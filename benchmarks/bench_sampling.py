@@ -53,14 +53,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    parser.add_argument("--codes", type=int, nargs="+", default=[64, 256], choices=[64, 256])
+    parser.add_argument("--batches", type=int, nargs="+", default=[4, 16])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
-    for grid in (8, 16):
+    for grid in [int(c**0.5) for c in args.codes]:
         pipe = build_pipeline(hidden_size=256, num_layers=6, num_heads=8, grid=grid, codebook_size=512,
                               text_hidden_size=256, text_layers=3)
         N = grid * grid
-        for batch in (4, 16):
+        for batch in args.batches:
             prompts = ["a red circle to the left of a blue square"] * batch
             gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731
             cached = timed(lambda: pipe(prompts, guidance_scale=3.0, generator=gens(), output_type="np"), args.repeats)
