@@ -68,13 +68,13 @@ def build_demo(space: DalleSpace) -> gr.Blocks:
                 gr.Examples(EXAMPLES, inputs=[prompt], label="Try")
             with gr.Column(scale=1):
                 preview = gr.Image(
-                    label="Live preview", type="pil", interactive=False, height=280, elem_id="preview",
+                    label="Live preview", type="pil", interactive=False, height=200, elem_id="preview",
                     buttons=[],
                 )
                 gallery = gr.Gallery(
                     label="Results (caption: alignment score)",
-                    columns=4,
-                    height="auto",
+                    columns=2,
+                    height=620,
                     object_fit="contain",
                     buttons=["download", "fullscreen"],
                     elem_id="results",

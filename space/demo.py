@@ -221,7 +221,7 @@ def _mosaic(images: list[Image.Image], cell: int = 128, columns: int = 4) -> Ima
     images = images[:8]
     cols = min(columns, len(images))
     rows = math.ceil(len(images) / cols)
-    sheet = Image.new("RGB", (cols * cell + (cols - 1) * 4, rows * cell + (rows - 1) * 4), "white")
+    sheet = Image.new("RGB", (cols * cell + (cols - 1) * 4, rows * cell + (rows - 1) * 4), (190, 190, 190))
     for i, img in enumerate(images):
         tile = img.convert("RGB").resize((cell, cell), Image.NEAREST)
         sheet.paste(tile, ((i % cols) * (cell + 4), (i // cols) * (cell + 4)))

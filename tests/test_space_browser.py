@@ -30,7 +30,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-PAGE_TIMEOUT_MS = 120_000
+PAGE_TIMEOUT_MS = 300_000  # generous: the machine may be shared with training runs
 
 pytestmark = pytest.mark.browser
 
@@ -75,14 +75,15 @@ def generate_in_page(page, url: str, prompt: str, screenshot: Path) -> dict:
     box.wait_for(timeout=PAGE_TIMEOUT_MS)
     box.fill(prompt)
     page.locator("#generate").click()
-    # the gallery fills with the default 4 images once decoding is done, and they have loaded
+    # the gallery fills with the default 4 images once decoding is done; they load lazily, so bring each into view
+    page.wait_for_function("document.querySelectorAll('#results img').length >= 4", timeout=PAGE_TIMEOUT_MS)
+    for img in page.locator("#results img").all():
+        img.scroll_into_view_if_needed()
     page.wait_for_function(
-        """() => {
-            const imgs = [...document.querySelectorAll('#results img')];
-            return imgs.length >= 4 && imgs.every(img => img.complete && img.naturalWidth > 0);
-        }""",
+        "[...document.querySelectorAll('#results img')].every(img => img.complete && img.naturalWidth > 0)",
         timeout=PAGE_TIMEOUT_MS,
     )
+    page.evaluate("window.scrollTo(0, 0); document.querySelectorAll('#results *').forEach(e => { e.scrollTop = 0; })")
     notice = page.locator("#notice").inner_text()
     preview_shown = page.locator("#preview img").count() > 0
     pngs = [page.request.get(img.get_attribute("src")).body() for img in page.locator("#results img").all()]
@@ -158,7 +159,7 @@ def main() -> None:
     try:
         with sync_playwright() as p:
             browser = open_browser(p)
-            page = browser.new_page(viewport={"width": 1280, "height": 820})
+            page = browser.new_page(viewport={"width": 1280, "height": 960})
             seen = generate_in_page(page, url, args.prompt, args.screenshot)
             browser.close()
     finally:
