@@ -6,6 +6,8 @@ Run locally:  python space/app.py   (http://127.0.0.1:7860; DALLE_HF_MODEL=<fold
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home
 
@@ -134,6 +136,8 @@ def launch_kwargs(port: int | None = None) -> dict:
 
 
 def main() -> None:
+    # SIGTERM (a container stop, `kill`) exits like Ctrl-C, so the app's output folder is removed at exit
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     space = DalleSpace.from_env()
     ui = build_demo(space)
     kwargs = launch_kwargs()
