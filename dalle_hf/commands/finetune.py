@@ -23,13 +23,17 @@ def register(subparsers) -> None:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank; 0 = full fine-tuning.")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
+    p.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="Linear layers to adapt, by name or dotted suffix (default: qkv proj q kv fc1 fc2; e.g. "
+                        "cross_attn.q cross_attn.kv cross_attn.proj for cross-attention only).")
     p.add_argument("--train-text-encoder", action="store_true",
                    help="Also adapt the text encoder (LoRA, or fully with --lora-rank 0).")
     p.add_argument("--no-new-words", action="store_true",
                    help="Do not add the captions' unknown words to the vocabulary as new tokens.")
     p.add_argument("--new-words", nargs="*", default=[], help="Words to add as new tokens even if not in captions.")
     p.add_argument("--init-from", default=None,
-                   help="Initialise new words' embeddings from this known word (default: their old BPE pieces).")
+                   help="Initialise new words' embeddings from this known word (default: their old BPE pieces). Not recommended: "
+                        "the adapter then learns that this word's embedding means the new concept, which damages the word.")
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--max-steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=16)
@@ -63,6 +67,7 @@ def main(args) -> int:
     lr = args.learning_rate if args.learning_rate is not None else (1e-3 if args.lora_rank else 1e-4)
     ft = FinetuneArguments(pretrained=args.pretrained, revision=args.revision, token=args.hub_token,
                            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                           lora_target_modules=args.lora_target_modules,
                            train_text_encoder=args.train_text_encoder, add_new_words=not args.no_new_words,
                            new_words=list(args.new_words), init_from=args.init_from,
                            caption_dropout=args.caption_dropout, max_train_images=args.max_train_images)

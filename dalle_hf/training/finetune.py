@@ -43,6 +43,7 @@ class FinetuneArguments:
     lora_rank: int = 8
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None  # None: dalle_hf.lora.LORA_TARGET_MODULES
     train_text_encoder: bool = False
     add_new_words: bool = True
     new_words: list[str] = field(default_factory=list)
@@ -139,7 +140,7 @@ class FinetuneStage(Stage):
     # -- setup -----------------------------------------------------------------------------------------------------
 
     def setup(self, accelerator, args: TrainingArguments):
-        from ..lora import add_lora, add_new_words
+        from ..lora import LORA_TARGET_MODULES, add_lora, add_new_words
         from ..pipeline_dalle import DallePipeline
 
         self.accelerator, self.args = accelerator, args
@@ -163,10 +164,13 @@ class FinetuneStage(Stage):
 
         text_encoder, decoder = pipe.text_encoder.train(), pipe.image_decoder.train()
         if ft.lora_rank > 0:
-            add_lora(pipe, "image_decoder", rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout)
+            targets = tuple(ft.lora_target_modules or LORA_TARGET_MODULES)
+            add_lora(pipe, "image_decoder", rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
+                     target_modules=targets)
             if ft.train_text_encoder or self.new_token_ids:
                 add_lora(pipe, "text_encoder", rank=ft.lora_rank if ft.train_text_encoder else 0,
-                         alpha=ft.lora_alpha, dropout=ft.lora_dropout, new_token_ids=self.new_token_ids)
+                         alpha=ft.lora_alpha, dropout=ft.lora_dropout, new_token_ids=self.new_token_ids,
+                         target_modules=targets)
             else:
                 text_encoder.requires_grad_(False)
         else:  # full fine-tuning of the decoder (and the text encoder if asked); new rows only otherwise
