@@ -247,10 +247,19 @@ def export_self_contained(pipe, folder: str | os.PathLike, model_card: Mapping |
     return folder
 
 
+def check_no_adapters(pipe) -> None:
+    """Saving a pipeline with an unmerged LoRA adapter would write peft-wrapped weights no loader understands."""
+    models = pipe.__dict__.get("_dalle_hf_lora") or {}
+    if models:
+        raise ValueError(f"the pipeline has unmerged adapters on {sorted(models)}: call dalle_hf.lora.merge_lora(pipe) "
+                         "(or unload_lora) before saving, or save the adapter alone with dalle_hf.lora.save_lora.")
+
+
 def _save_package_format(pipe, folder, **kwargs) -> None:
     """diffusers' own `save_pretrained` (skipping DallePipeline's override)."""
     from diffusers import DiffusionPipeline
 
+    check_no_adapters(pipe)
     DiffusionPipeline.save_pretrained(pipe, folder, **kwargs)
 
 

@@ -393,8 +393,9 @@ class DallePipeline(DiffusionPipeline):
         it without dalle_hf. `model_card`: a dict of `dalle_hf.hub.render_model_card` arguments, or the text, written
         as README.md. `push_to_hub=True` then pushes (self-contained, one commit) to `repo_id`.
         """
-        from .hub import MODEL_CARD_NAME, make_self_contained, render_model_card
+        from .hub import MODEL_CARD_NAME, check_no_adapters, make_self_contained, render_model_card
 
+        check_no_adapters(self)
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "private", "token", "create_pr")
                       if k in kwargs}
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,

@@ -100,6 +100,8 @@ def test_lora_save_load_merge_reproduce_the_in_memory_adapter(tmp_path):
     assert type(pipe.image_decoder).__name__ == "DalleImageDecoder"  # the pipeline keeps its own module
     expected_codes, expected_logits = codes(pipe), logits(pipe)
     assert not torch.equal(expected_codes, base_codes)
+    with pytest.raises(ValueError, match="unmerged adapters"):
+        pipe.save_pretrained(tmp_path / "not-merged")
 
     save_lora(pipe, tmp_path / "adapter", base_model="tiny")
     info = json.loads((tmp_path / "adapter" / "dalle_hf_adapter.json").read_text())
