@@ -274,12 +274,55 @@ def test_training_arguments_reject_bad_values(bad):
 
 
 def test_training_arguments_accept_the_recipes():
-    for name in ("shapes", "tiny"):
+    for name in ("shapes", "tiny", "shapes-continue", "tiny-continue"):
         recipe = get_recipe(name)
         for stage in STAGES:
             TrainingArguments(output_dir="x", **getattr(recipe, f"{stage}_args"))
     TrainingArguments(output_dir="x", warmup_steps=0, eval_every=0, keep_checkpoints=0, min_lr_ratio=0.0,
                       weight_decay=0.0)
+
+
+# ---- 4. continuing a trained pipeline ---------------------------------------------------------------------------
+
+
+def test_continuation_recipe_trains_on_from_a_pipeline_and_keeps_its_tokenizer_and_autoencoder(tmp_path):
+    from safetensors.torch import load_file
+
+    env = env_for()
+    code, out = run([sys.executable, *train_cmd(tmp_path / "base")], env, tmp_path / "base.log")
+    assert code == 0, tail(out)
+    base = tmp_path / "base" / "pipeline"
+    cmd = [sys.executable, "-m", "dalle_hf.cli", "train", "--recipe", "tiny-continue", "--init-from", str(base),
+           "--output-dir", str(tmp_path / "more"), "--seed", "1", "--no-tracking"]
+    code, out = run(cmd, env, tmp_path / "more.log")
+    assert code == 0, tail(out)
+    more = tmp_path / "more" / "pipeline"
+    assert not (tmp_path / "more" / "autoencoder").exists()  # the autoencoder is taken as it is
+    assert (more / "tokenizer" / "tokenizer.json").read_text() == (base / "tokenizer" / "tokenizer.json").read_text()
+
+    def weights(folder, component):
+        return load_file(str(folder / component / "model.safetensors"))
+
+    old, new = weights(base, "alignment"), weights(more, "alignment")
+    for name in old:  # the autoencoder is frozen; the contrastive head trains on
+        same = torch.equal(old[name], new[name])
+        assert same == (name.split(".")[0] in ("encoder", "quantizer", "decoder")), name
+    old, new = weights(base, "image_decoder"), weights(more, "image_decoder")
+    assert old.keys() == new.keys() and any(not torch.equal(old[k], new[k]) for k in old)
+    assert_pipeline_generates(more)
+
+
+def test_continuation_recipe_and_init_from_must_go_together(tmp_path):
+    env = env_for()
+    code, out = run([sys.executable, "-m", "dalle_hf.cli", "train", "--recipe", "tiny-continue", "--output-dir",
+                     str(tmp_path / "a"), "--no-tracking"], env, tmp_path / "a.log")
+    assert code != 0 and "needs --init-from" in out
+    code, out = run([sys.executable, *train_cmd(tmp_path / "b", "--init-from", tmp_path)], env, tmp_path / "b.log")
+    assert code != 0 and "does not take --init-from" in out
+    from dalle_hf.training.recipe import run_recipe
+
+    with pytest.raises(ValueError, match="not a pipeline folder"):
+        run_recipe("tiny-continue", str(tmp_path / "c"), accelerator=None, init_from=str(tmp_path))
 
 
 def test_swap_attributes_swaps_the_words_of_two_colour_captions():

@@ -8,7 +8,11 @@ import argparse
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="Train the model (all stages of a recipe, or one stage).",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--recipe", default="shapes", help="Recipe: 'shapes' (the embedded model) or 'tiny' (smoke test).")
+    p.add_argument("--recipe", default="shapes",
+                   help="Recipe: 'shapes' (the embedded model from scratch), 'shapes-continue' (more decoder and "
+                        "contrastive training for a finished pipeline, needs --init-from), 'tiny' (smoke test).")
+    p.add_argument("--init-from", default=None,
+                   help="A pipeline folder to continue training from (continuation recipes only).")
     p.add_argument("--stage", choices=["autoencoder", "decoder", "contrastive", "all"], default="all",
                    help="Run one stage of the recipe (earlier stages must be done) or all of them.")
     p.add_argument("--output-dir", required=True, help="Run folder; the pipeline is written to OUTPUT_DIR/pipeline.")
@@ -35,6 +39,9 @@ def main(args) -> int:
     if args.train_data_dir and args.dataset_name:
         raise SystemExit("error: give at most one of --train-data-dir and --dataset-name")
     recipe = get_recipe(args.recipe)  # validates the name before anything starts
+    if recipe.continuation != (args.init_from is not None):
+        raise SystemExit(f"error: --recipe {args.recipe} " + ("needs --init-from PIPELINE_FOLDER" if recipe.continuation
+                                                              else "trains from scratch and does not take --init-from"))
     data = DataArguments(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
                          image_column=args.image_column, caption_column=args.caption_column,
                          resolution=recipe.alignment["image_size"])
@@ -45,7 +52,8 @@ def main(args) -> int:
     stages = STAGES if args.stage == "all" else ("tokenizer", args.stage)
     path = run_recipe(args.recipe, args.output_dir, accelerator, seed=args.seed, resume=not args.no_resume,
                       data=data, max_steps=args.max_steps, stages=stages,
-                      save_dtype=getattr(torch, args.save_dtype) if args.save_dtype != "float32" else None)
+                      save_dtype=getattr(torch, args.save_dtype) if args.save_dtype != "float32" else None,
+                      init_from=args.init_from)
     accelerator.end_training()
     if args.stage == "all":
         accelerator.print(f"Pipeline written to {path}")

@@ -8,6 +8,7 @@ command continues a run that was killed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -37,6 +38,9 @@ class Recipe:
     num_code_images: int
     disc_start: int
     data: DataArguments = field(default_factory=DataArguments)
+    # A continuation recipe trains on from a finished pipeline (`--init-from`) instead of from scratch: the
+    # tokenizer and the autoencoder are taken as they are, the decoder and the contrastive head train on.
+    continuation: bool = False
 
 
 RECIPES = {
@@ -57,6 +61,23 @@ RECIPES = {
         contrastive_args=dict(max_steps=600, batch_size=128, learning_rate=5e-4, warmup_steps=50, save_every=200),
         num_code_images=100000,
         disc_start=2000,
+    ),
+    # More decoder training for a finished `shapes` pipeline, on fresh scenes (run it with `--seed 1`): a warm restart
+    # of the decoder's schedule at a lower peak rate, then a longer contrastive stage (its text projection must follow
+    # the text encoder, which moved).
+    "shapes-continue": Recipe(
+        tokenizer_vocab_size=0,  # the sizes are those of `--init-from`; only the image size is needed (data)
+        tokenizer_captions=0,
+        text={},
+        decoder={},
+        alignment=dict(image_size=64),
+        autoencoder_args={},
+        decoder_args=dict(max_steps=3000, batch_size=64, learning_rate=5e-4, warmup_steps=100, save_every=250,
+                          weight_decay=0.05, eval_every=500),
+        contrastive_args=dict(max_steps=1500, batch_size=128, learning_rate=3e-4, warmup_steps=50, save_every=250),
+        num_code_images=200000,
+        disc_start=0,
+        continuation=True,
     ),
     # A few-second version for tests and smoke runs.
     "tiny": Recipe(
@@ -81,6 +102,9 @@ RECIPES = {
 }
 
 
+RECIPES["tiny-continue"] = dataclasses.replace(copy.deepcopy(RECIPES["tiny"]), continuation=True)  # for tests
+
+
 def get_recipe(name: str, data: DataArguments | None = None, max_steps: int | None = None) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"`recipe` must be one of {sorted(RECIPES)}, got {name!r}.")
@@ -97,17 +121,23 @@ def _done(path: str) -> bool:
     return os.path.exists(os.path.join(path, "training_args.json"))
 
 
-def train_tokenizer_stage(recipe: Recipe, output_dir: str, accelerator):
-    """Train the BPE on the training captions (once, on the main process) and load it everywhere."""
+def train_tokenizer_stage(recipe: Recipe, output_dir: str, accelerator, init_from: str | None = None):
+    """Train the BPE on the training captions (once, on the main process) and load it everywhere.
+
+    With `init_from` (a pipeline folder) its tokenizer is copied instead: a continued model keeps its vocabulary.
+    """
     from transformers import AutoTokenizer
 
     from ..tokenization import train_tokenizer
 
     path = os.path.join(output_dir, "tokenizer")
     if accelerator.is_main_process and not os.path.exists(os.path.join(path, "tokenizer.json")):
-        captions = _training_captions(recipe)
-        tokenizer = train_tokenizer(captions, vocab_size=recipe.tokenizer_vocab_size,
-                                    max_length=recipe.text["max_position_embeddings"])
+        if init_from is not None:
+            tokenizer = AutoTokenizer.from_pretrained(os.path.join(init_from, "tokenizer"))
+        else:
+            captions = _training_captions(recipe)
+            tokenizer = train_tokenizer(captions, vocab_size=recipe.tokenizer_vocab_size,
+                                        max_length=recipe.text["max_position_embeddings"])
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=output_dir)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
@@ -136,26 +166,39 @@ def _args(output_dir: str, seed: int, resume: bool, settings: dict) -> TrainingA
 
 def run_recipe(name: str, output_dir: str, accelerator, seed: int = 0, resume: bool = True,
                data: DataArguments | None = None, max_steps: int | None = None, stages=STAGES,
-               save_dtype: torch.dtype | None = None) -> str:
-    """Run the recipe's stages in order; returns the pipeline folder (`output_dir/pipeline`)."""
+               save_dtype: torch.dtype | None = None, init_from: str | None = None) -> str:
+    """Run the recipe's stages in order; returns the pipeline folder (`output_dir/pipeline`).
+
+    `init_from`: a pipeline folder to continue from (required by, and only allowed with, a continuation recipe).
+    """
     recipe = get_recipe(name, data, max_steps)
+    if recipe.continuation != (init_from is not None):
+        raise ValueError(f"recipe {name!r} " + ("continues a trained pipeline: give `init_from`" if recipe.continuation
+                                               else f"trains from scratch; `init_from`={init_from!r} is not allowed "
+                                               "(use a continuation recipe such as 'shapes-continue')"))
+    if init_from is not None and not os.path.isfile(os.path.join(init_from, "model_index.json")):
+        raise ValueError(f"`init_from`={init_from!r} is not a pipeline folder (no model_index.json)")
     os.makedirs(output_dir, exist_ok=True)
-    tokenizer = train_tokenizer_stage(recipe, output_dir, accelerator)
+    tokenizer = train_tokenizer_stage(recipe, output_dir, accelerator, init_from)
     ae_dir, dec_dir, con_dir = (os.path.join(output_dir, s) for s in ("autoencoder", "decoder", "contrastive"))
     codes_dir = os.path.join(output_dir, "codes")
-    if "autoencoder" in stages and not _done(ae_dir):
+    if init_from is not None:
+        ae_dir = init_from  # the trained alignment model is `init_from/alignment`; no autoencoder stage
+    elif "autoencoder" in stages and not _done(ae_dir):
         config = DalleAlignmentConfig(text_embed_dim=recipe.text["projection_dim"], **recipe.alignment)
         stage = AutoencoderStage(config, recipe.data, disc_start=recipe.disc_start)
         run_stage(stage, accelerator, _args(ae_dir, seed, resume, recipe.autoencoder_args))
     alignment_path = os.path.join(ae_dir, "alignment")
     if "decoder" in stages and not _done(dec_dir):
-        special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
-        text_config = DalleTextEncoderConfig(vocab_size=len(tokenizer), **recipe.text, **special)
-        decoder_config = DalleImageDecoderConfig(vocab_size=recipe.alignment["codebook_size"],
-                                                 cross_attention_dim=recipe.text["hidden_size"], **recipe.decoder)
+        text_config = decoder_config = None  # a continuation keeps the sizes of `init_from`
+        if init_from is None:
+            special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+            text_config = DalleTextEncoderConfig(vocab_size=len(tokenizer), **recipe.text, **special)
+            decoder_config = DalleImageDecoderConfig(vocab_size=recipe.alignment["codebook_size"],
+                                                     cross_attention_dim=recipe.text["hidden_size"], **recipe.decoder)
         stage = DecoderStage(tokenizer, alignment_path, recipe.data, recipe.num_code_images, text_config,
-                             decoder_config, cache_dir=codes_dir)
+                             decoder_config, pretrained=init_from, cache_dir=codes_dir)
         run_stage(stage, accelerator, _args(dec_dir, seed, resume, recipe.decoder_args))
     if "contrastive" in stages and not _done(con_dir):
         stage = ContrastiveStage(tokenizer, alignment_path, os.path.join(dec_dir, "text_encoder"), recipe.data,

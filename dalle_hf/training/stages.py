@@ -119,7 +119,7 @@ class AutoencoderStage(Stage):
 
     def setup(self, accelerator, args: TrainingArguments):
         self.accelerator, self.args = accelerator, args
-        model = (DalleAlignmentModel.from_pretrained(self.pretrained) if self.pretrained
+        model = (DalleAlignmentModel.from_pretrained(self.pretrained, dtype=torch.float32) if self.pretrained
                  else DalleAlignmentModel(self.config))
         for name, p in model.named_parameters():  # only the autoencoder trains here
             p.requires_grad_(name.split(".")[0] in ("encoder", "quantizer", "decoder"))
@@ -227,7 +227,7 @@ def precompute_codes(accelerator, alignment_path: str, data: DataArguments, num_
             return load_file(codes_file)["codes"].long(), json.load(f)
     from accelerate.utils import gather_object
 
-    alignment = DalleAlignmentModel.from_pretrained(alignment_path).to(accelerator.device).eval()
+    alignment = DalleAlignmentModel.from_pretrained(alignment_path, dtype=torch.float32).to(accelerator.device).eval()
     per_rank = -(-num_images // accelerator.num_processes)
     stream = build_image_stream(data, seed + 1, accelerator.process_index, accelerator.num_processes)
     codes, captions = [], []
@@ -303,6 +303,15 @@ def decay_groups(module: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def backward_and_step(accelerator, loss, optimizer, params, max_grad_norm: float) -> None:
+    """The end of every training step: backward, clip `params`' gradients when they sync, step, zero the gradients."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class DecoderStage(Stage):
     name = "decoder"
 
@@ -320,8 +329,11 @@ class DecoderStage(Stage):
         self.val_codes, self.val_captions = codes[-256:], captions[-256:]  # held back for the binding probe
         codes, captions = codes[:-256], captions[:-256]
         if self.pretrained:
-            text_encoder = DalleTextEncoder.from_pretrained(os.path.join(self.pretrained, "text_encoder"))
-            decoder = DalleImageDecoder.from_pretrained(os.path.join(self.pretrained, "image_decoder"))
+            # float32 master weights even when the pipeline was shipped in bf16
+            text_encoder = DalleTextEncoder.from_pretrained(os.path.join(self.pretrained, "text_encoder"),
+                                                            dtype=torch.float32)
+            decoder = DalleImageDecoder.from_pretrained(os.path.join(self.pretrained, "image_decoder"),
+                                                        dtype=torch.float32)
         else:
             text_encoder, decoder = DalleTextEncoder(self.text_config), DalleImageDecoder(self.decoder_config)
         model = TextToCodes(text_encoder, decoder)
@@ -350,12 +362,7 @@ class DecoderStage(Stage):
         acc = self.accelerator
         with acc.autocast():
             loss = self.model(batch["input_ids"], batch["attention_mask"], batch["codes"])
-        acc.backward(loss)
-        if acc.sync_gradients:
-            acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-        opt = self.optimizers[0]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        backward_and_step(acc, loss, self.optimizers[0], self.model.parameters(), self.args.max_grad_norm)
         return {"loss": loss.item()}
 
     @torch.no_grad()
@@ -447,8 +454,8 @@ class ContrastiveStage(Stage):
         self.accelerator, self.args = accelerator, args
         codes, captions = precompute_codes(accelerator, self.alignment_path, self.data, self.num_images,
                                            self.cache_dir, args.seed)
-        alignment = DalleAlignmentModel.from_pretrained(self.alignment_path)
-        text_encoder = DalleTextEncoder.from_pretrained(self.text_encoder_path)
+        alignment = DalleAlignmentModel.from_pretrained(self.alignment_path, dtype=torch.float32)
+        text_encoder = DalleTextEncoder.from_pretrained(self.text_encoder_path, dtype=torch.float32)
         for name, p in alignment.named_parameters():  # the autoencoder is frozen: the latent space stays put
             p.requires_grad_(name.split(".")[0] not in ("encoder", "quantizer", "decoder"))
         for name, p in text_encoder.named_parameters():  # only the pooled branch: the decoder's text view stays put
@@ -475,12 +482,8 @@ class ContrastiveStage(Stage):
         with acc.autocast():
             loss = self.model(batch["input_ids"], batch["attention_mask"], batch["codes"],
                               batch.get("neg_input_ids"), batch.get("neg_attention_mask"))
-        acc.backward(loss)
-        if acc.sync_gradients:
-            acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.args.max_grad_norm)
-        opt = self.optimizers[0]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        backward_and_step(acc, loss, self.optimizers[0], [p for p in self.model.parameters() if p.requires_grad],
+                          self.args.max_grad_norm)
         return {"loss": loss.item()}
 
     def save(self, output_dir):
