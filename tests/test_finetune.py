@@ -201,6 +201,83 @@ def test_finetune_rejects_bad_arguments(tiny_setup):
         cli(["finetune", "--pretrained", "x", "--train-data-dir", "d", "--output-dir", "y", "--lora-rank", "-1"])
 
 
+# ---- distillation against the base model (--distill-weight) ------------------------------------------------------
+
+
+def distill_stage(root, out, rank=4, weight=0.5, data=None, **kwargs):
+    """A set-up FinetuneStage on the tiny imagefolder (whole data set in one batch, no caption dropout)."""
+    from dalle_hf.training import DataArguments, TrainingArguments, make_accelerator
+    from dalle_hf.training.finetune import FinetuneArguments, FinetuneStage
+
+    stage = FinetuneStage(FinetuneArguments(str(root / "base"), lora_rank=rank, distill_weight=weight,
+                                            caption_dropout=0.0, **kwargs),
+                          DataArguments(train_data_dir=str(data or root / "data")))
+    stage.setup(make_accelerator("no", log_with=None),
+                TrainingArguments(output_dir=str(out), max_steps=2, batch_size=12, learning_rate=1e-2, warmup_steps=0))
+    return stage
+
+
+@pytest.mark.parametrize("rank", [4, 0], ids=["lora", "full"])
+def test_distillation_is_zero_for_the_base_itself_and_grows_as_the_model_moves(tiny_setup, tmp_path, rank):
+    import torch.nn.functional as F
+
+    stage = distill_stage(tiny_setup, tmp_path, rank=rank, weight=0.5)
+    assert (stage.base is None) == (rank > 0)  # LoRA: the base is the model with its adapters off
+    batch = stage.next_batch()
+    replay = batch["replay"]
+    assert replay.tolist() == ["heart" not in stage.pipe.tokenizer.decode(ids) for ids in batch["input_ids"]]
+    assert replay.sum() == 8  # 4 of the 12 captions are "a red heart"
+    with torch.no_grad():
+        ce = F.cross_entropy(stage.model(batch["input_ids"], batch["attention_mask"], batch["codes"]).transpose(1, 2),
+                             batch["codes"], reduction="none")
+    first = stage.training_step(batch, 0)  # fresh LoRA (B = 0) or untouched weights: student == base
+    assert first["distill_kl"] == pytest.approx(0.0, abs=1e-6)
+    # new-concept samples: ground truth only; replay samples: half ground truth, half the (zero) KL
+    expected = (ce[~replay].sum() + 0.5 * ce[replay].sum()) / ce.numel()
+    assert first["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    second = stage.training_step(batch, 1)
+    assert second["distill_kl"] > 1e-4  # the model moved away from the base
+    ids, mask, codes = batch["input_ids"][replay], batch["attention_mask"][replay], batch["codes"][replay]
+    with torch.no_grad():  # and the base itself did not move
+        base = DallePipeline.from_pretrained(tiny_setup / "base")
+        states = base.text_encoder(ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(stage.base_logits(ids, mask, codes), base.image_decoder(codes, states, mask).logits,
+                                   rtol=1e-4, atol=1e-5)
+    assert stage.model.training
+
+
+def test_finetune_with_distillation_writes_a_loadable_pipeline(tiny_setup):
+    root, out = tiny_setup, tiny_setup / "out-distill"
+    assert cli(["finetune", "--pretrained", str(root / "base"), "--train-data-dir", str(root / "data"),
+                "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4", "--lora-rank", "4",
+                "--learning-rate", "1e-2", "--distill-weight", "0.5", "--no-tracking", "--mixed-precision", "no"]) == 0
+    tuned = DallePipeline.from_pretrained(out)
+    assert tuned.unknown_words("a red heart") == []
+    base = load_lora(DallePipeline.from_pretrained(root / "base"), out / "adapter")
+    torch.testing.assert_close(logits(base), logits(tuned), rtol=1e-4, atol=1e-5)
+    assert "weight 0.5 on the replay samples" in (out / "README.md").read_text()
+
+
+def test_distillation_rejects_bad_values(tiny_setup, tmp_path):
+    from dalle_hf.training.finetune import FinetuneArguments
+
+    for bad in (-0.1, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match=r"`distill_weight` must be a number in \[0, 1\].*got"):
+            FinetuneArguments("x", distill_weight=bad)
+    with pytest.raises(SystemExit, match="distill-weight must be in"):
+        cli(["finetune", "--pretrained", "x", "--train-data-dir", "d", "--output-dir", "y", "--distill-weight", "2"])
+    with pytest.raises(ValueError, match="needs new words"):  # nothing tells new-concept from replay captions
+        distill_stage(tiny_setup, tmp_path / "a", add_new_words=False)
+    with pytest.raises(ValueError, match="no training caption has the new words"):
+        distill_stage(tiny_setup, tmp_path / "b", add_new_words=False, new_words=["star"])
+    hearts = export_imagefolder(tmp_path / "hearts", 2)
+    (hearts / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": json.loads(line)["file_name"], "text": "a red heart"}) + "\n"
+        for line in (hearts / "metadata.jsonl").read_text().splitlines()))
+    with pytest.raises(ValueError, match="needs replay samples"):  # only new-concept captions
+        distill_stage(tiny_setup, tmp_path / "c", data=hearts)
+
+
 # ---- the heart extension --------------------------------------------------------------------------------------------
 
 

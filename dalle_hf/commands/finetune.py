@@ -35,6 +35,14 @@ def register(subparsers) -> None:
                    help="Initialise new words' embeddings from this known word (default: their old BPE pieces). Not recommended: "
                         "the adapter then learns that this word's embedding means the new concept, which damages the word.")
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--distill-weight", type=float, default=0.0, metavar="W",
+                   help="Keep old skills by distillation against the base model, W in [0, 1]: on replay samples "
+                        "(captions with none of the new words) the loss becomes (1-W) x cross-entropy on the "
+                        "ground-truth codes + W x KL(base || fine-tuned) of the next-code distributions; captions with "
+                        "new words always train on ground truth. Needs new words and ordinary captions in the data. "
+                        "Costs one more forward pass without gradient over the replay samples per step (about +20%% "
+                        "step time at 60%% replay); with LoRA the base is the model with its adapters off, full "
+                        "fine-tuning keeps a frozen copy of the weights. 0 = off.")
     p.add_argument("--max-steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=None,
@@ -64,13 +72,16 @@ def main(args) -> int:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be a positive integer")
     if args.lora_rank < 0:
         raise SystemExit("error: --lora-rank must be >= 0 (0 = full fine-tuning)")
+    if not 0.0 <= args.distill_weight <= 1.0:
+        raise SystemExit(f"error: --distill-weight must be in [0, 1] (0 = no distillation), got {args.distill_weight}")
     lr = args.learning_rate if args.learning_rate is not None else (1e-3 if args.lora_rank else 1e-4)
     ft = FinetuneArguments(pretrained=args.pretrained, revision=args.revision, token=args.hub_token,
                            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                            lora_target_modules=args.lora_target_modules,
                            train_text_encoder=args.train_text_encoder, add_new_words=not args.no_new_words,
                            new_words=list(args.new_words), init_from=args.init_from,
-                           caption_dropout=args.caption_dropout, max_train_images=args.max_train_images)
+                           caption_dropout=args.caption_dropout, distill_weight=args.distill_weight,
+                           max_train_images=args.max_train_images)
     data = DataArguments(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
                          image_column=args.image_column, caption_column=args.caption_column)
     training = TrainingArguments(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -82,7 +93,8 @@ def main(args) -> int:
                                    log_with=None if args.no_tracking else "tensorboard")
     if not args.no_tracking:
         accelerator.init_trackers("logs", config={"pretrained": args.pretrained, "lora_rank": args.lora_rank,
-                                                  "max_steps": args.max_steps, "learning_rate": lr})
+                                                  "max_steps": args.max_steps, "learning_rate": lr,
+                                                  "distill_weight": args.distill_weight})
     stage = FinetuneStage(ft, data)
     logs = run_stage(stage, accelerator, training)
     accelerator.end_training()

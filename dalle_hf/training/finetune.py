@@ -12,13 +12,17 @@ gradient accumulation, checkpoints and `--resume` for free:
    embedding rows (`dalle_hf.lora.add_new_words`); only those rows of the embedding train.
 4. The image decoder (and with `train_text_encoder` the text encoder) trains with LoRA on its attention/MLP Linear
    layers (`lora_rank` > 0), or fully (`lora_rank=0`), on next-code cross-entropy with caption dropout (so guidance
-   keeps working).
+   keeps working). With `distill_weight` > 0, samples whose caption has none of the new words ("replay" samples:
+   the model's old skills) also learn the base model's next-code distribution (KL distillation; see
+   `FinetuneArguments.distill_weight`).
 5. OUTPUT_DIR holds the merged pipeline (loads with `DallePipeline.from_pretrained`), its model card, and
    OUTPUT_DIR/adapter with the adapter alone (`dalle_hf.lora.load_lora`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import os
@@ -26,11 +30,20 @@ import shutil
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .loop import Stage, TrainingArguments
-from .stages import CaptionCollator, CodesDataset, DataArguments, TextToCodes, decay_groups, infinite
+from .stages import (
+    CaptionCollator,
+    CodesDataset,
+    DataArguments,
+    TextToCodes,
+    backward_and_step,
+    decay_groups,
+    infinite,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +62,11 @@ class FinetuneArguments:
     new_words: list[str] = field(default_factory=list)
     init_from: str | None = None
     caption_dropout: float = 0.1
+    # Keep old skills: on replay samples (captions with none of the new words) the loss is
+    # (1 - distill_weight) * cross-entropy on the ground-truth codes + distill_weight * KL(base || fine-tuned model)
+    # of the next-code distributions; samples with new words always train on ground truth. 0 = off. Costs one more
+    # forward pass (no backward) over the replay samples per step; full fine-tuning keeps a frozen copy of the weights.
+    distill_weight: float = 0.0
     max_train_images: int | None = None
     revision: str | None = None
     cache_dir: str | None = None
@@ -59,6 +77,9 @@ class FinetuneArguments:
             raise ValueError(f"`lora_rank` must be a non-negative integer (0 = full fine-tuning), got {self.lora_rank!r}.")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout!r}.")
+        w = self.distill_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:  # NaN fails too
+            raise ValueError(f"`distill_weight` must be a number in [0, 1] (0 = no distillation), got {w!r}.")
         if self.max_train_images is not None and self.max_train_images < 1:
             raise ValueError(f"`max_train_images` must be a positive integer, got {self.max_train_images!r}.")
 
@@ -127,6 +148,40 @@ def find_new_words(pipe, captions, extra=()) -> list[str]:
     return list(words)
 
 
+def replay_flags(tokenizer, captions, new_token_ids) -> torch.BoolTensor:
+    """True for the captions without any of the new words: the replay samples, distilled against the base model."""
+    new = set(new_token_ids)
+    ids = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+    return torch.tensor([not new.intersection(row) for row in ids], dtype=torch.bool)
+
+
+class ReplayCollator(CaptionCollator):
+    """`CaptionCollator` + `replay`: which samples are replay samples (judged on the caption before dropout)."""
+
+    def __init__(self, *args, new_token_ids=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.new_token_ids = list(new_token_ids)
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        out["replay"] = replay_flags(self.tokenizer, [b[1] for b in batch], self.new_token_ids)
+        return out
+
+
+class TextToLogits(TextToCodes):
+    """Text encoder + image decoder -> next-code logits (B, T, V); the stage computes its losses from them."""
+
+    def forward(self, input_ids, attention_mask, codes):
+        states = self.text_encoder(input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.image_decoder(codes, states, attention_mask).logits
+
+
+def distillation_kl(student_logits, base_logits):
+    """KL(base || student) of the next-code distributions at every position: (B, T); 0 where the two agree."""
+    return F.kl_div(student_logits.float().log_softmax(-1), base_logits.float().log_softmax(-1), log_target=True,
+                    reduction="none").sum(-1)
+
+
 class FinetuneStage(Stage):
     name = "finetune"
 
@@ -161,6 +216,23 @@ class FinetuneStage(Stage):
             self.new_token_ids = add_new_words(pipe, self.new_words, init_from=ft.init_from)
             if self.new_words:
                 accelerator.print(f"[finetune] new words (new tokens {self.new_token_ids}): {self.new_words}")
+        self.base = None  # full fine-tuning + distillation: a frozen copy of the model before fine-tuning
+        if ft.distill_weight:
+            if not self.new_token_ids:
+                raise ValueError("`distill_weight` > 0 needs new words (the captions' unknown words, or `new_words`) "
+                                 "to tell new-concept captions from replay captions; none were added.")
+            replay = replay_flags(pipe.tokenizer, captions, self.new_token_ids)
+            if replay.all():
+                raise ValueError(f"`distill_weight` > 0 but no training caption has the new words {self.new_words}: "
+                                 "every sample would be distilled towards the base model.")
+            if not replay.any():
+                raise ValueError("`distill_weight` > 0 needs replay samples (captions without the new words "
+                                 f"{self.new_words}) in the training data; every caption has one.")
+            accelerator.print(f"[finetune] distillation (weight {ft.distill_weight}) on {int(replay.sum())} replay "
+                              f"captions of {len(captions)}")
+            if not ft.lora_rank:
+                self.base = copy.deepcopy(TextToLogits(pipe.text_encoder, pipe.image_decoder))
+                self.base.requires_grad_(False).eval().to(accelerator.device)
 
         text_encoder, decoder = pipe.text_encoder.train(), pipe.image_decoder.train()
         if ft.lora_rank > 0:
@@ -182,12 +254,14 @@ class FinetuneStage(Stage):
                 mask = torch.zeros(weight.shape[0], 1)
                 mask[self.new_token_ids] = 1.0
                 weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
-        model = TextToCodes(text_encoder, decoder)
+        model = TextToLogits(text_encoder, decoder)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         accelerator.print(f"[finetune] trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
         opt = torch.optim.AdamW(decay_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.99))
-        collate = CaptionCollator(pipe.tokenizer, text_encoder.config.max_position_embeddings, ft.caption_dropout,
-                                  seed=args.seed + accelerator.process_index)
+        collate_args = (pipe.tokenizer, text_encoder.config.max_position_embeddings, ft.caption_dropout)
+        seed = args.seed + accelerator.process_index
+        collate = (ReplayCollator(*collate_args, seed=seed, new_token_ids=self.new_token_ids) if ft.distill_weight
+                   else CaptionCollator(*collate_args, seed=seed))
         dataset = CodesDataset(codes, captions)
         loader = DataLoader(dataset, batch_size=min(args.batch_size, len(dataset)), shuffle=True, drop_last=True,
                             collate_fn=collate)
@@ -202,16 +276,37 @@ class FinetuneStage(Stage):
         return next(self.batches)
 
     def training_step(self, batch, step):
-        acc = self.accelerator
+        acc, w = self.accelerator, self.ft.distill_weight
+        ids, mask, codes = batch["input_ids"], batch["attention_mask"], batch["codes"]
         with acc.autocast():
-            loss = self.model(batch["input_ids"], batch["attention_mask"], batch["codes"])
-        acc.backward(loss)
-        if acc.sync_gradients:
-            acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.args.max_grad_norm)
-        opt = self.optimizers[0]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return {"loss": loss.item()}
+            logits = self.model(ids, mask, codes)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none")  # (B, T)
+        logs = {}
+        if w and batch["replay"].any():
+            replay = batch["replay"]
+            kl = distillation_kl(logits[replay], self.base_logits(ids[replay], mask[replay], codes[replay]))
+            loss = ((ce * (1 - w * replay.float()[:, None])).sum() + w * kl.sum()) / ce.numel()
+            logs["distill_kl"] = kl.mean().item()
+        else:
+            loss = ce.mean()
+        backward_and_step(acc, loss, self.optimizers[0], [p for p in self.model.parameters() if p.requires_grad],
+                          self.args.max_grad_norm)
+        return {"loss": loss.item(), **logs}
+
+    @torch.no_grad()
+    def base_logits(self, input_ids, attention_mask, codes):
+        """Next-code logits of the model before fine-tuning: adapters switched off (LoRA) or the frozen copy (full)."""
+        from ..lora import active_adapters
+
+        with contextlib.ExitStack() as stack, self.accelerator.autocast():
+            if self.base is not None:
+                return self.base(input_ids, attention_mask, codes)
+            model = self.accelerator.unwrap_model(self.model)
+            stack.callback(model.train, model.training)  # eval for the base pass: no dropout
+            model.eval()
+            for peft_model in active_adapters(self.pipe).values():
+                stack.enter_context(peft_model.disable_adapter())
+            return model(input_ids, attention_mask, codes)
 
     # -- output ----------------------------------------------------------------------------------------------------
 
@@ -248,6 +343,8 @@ class FinetuneStage(Stage):
             "steps": args.max_steps, "batch size": args.batch_size, "learning rate": args.learning_rate,
             "caption dropout": ft.caption_dropout,
         }
+        if ft.distill_weight:
+            training["distillation"] = f"weight {ft.distill_weight} on the replay samples, against the base model"
         return {
             "repo_id": os.path.basename(os.path.abspath(args.output_dir)),
             "base_model": base,
