@@ -6,12 +6,18 @@ For 4 and 16 images at 64 and 256 codes per image (guidance 3, so 2 rows per ima
 second of (a) `DallePipeline` with its key/value cache, text encoding and pixel decoding included, and (b) the same
 decoder sampled by re-running the whole prefix at every step (no cache). Random weights, decoder of the embedded
 model's size. Run by hand on an otherwise idle machine; not part of the test run.
+
+Other load matters more than usual here: with `--threads 2` on a 2-core machine that is already busy, every small
+op's OpenMP threads wait for each other behind the other process, and a call can take 100x longer (the 64-code,
+4-image call took 38.8 s instead of 0.4 s that way; see docs/profile.md). The script records the load average before
+each configuration and warns when the machine is busy; use `--threads 1` there, or wait.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -38,14 +44,20 @@ def recompute_loop(pipe, prompts, guidance_scale: float, generator) -> torch.Lon
     return codes
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> list[float]:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def busy(threads: int) -> float | None:
+    """The 1-minute load average when it says other work is running on the cores this benchmark wants, else None."""
+    load = os.getloadavg()[0]
+    return load if load > 0.5 and threads >= (os.cpu_count() or 1) else None
 
 
 def main(argv=None) -> dict:
@@ -65,11 +77,19 @@ def main(argv=None) -> dict:
         for batch in args.batches:
             prompts = ["a red circle to the left of a blue square"] * batch
             gens = lambda: [torch.Generator().manual_seed(i) for i in range(batch)]  # noqa: E731
-            cached = timed(lambda: pipe(prompts, guidance_scale=3.0, generator=gens(), output_type="np"), args.repeats)
-            plain = timed(lambda: recompute_loop(pipe, prompts, 3.0, gens()), max(1, args.repeats - 1))
+            load = os.getloadavg()[0]
+            if busy(args.threads):
+                print(f"WARNING: load average {load:.1f} with --threads {args.threads} on {os.cpu_count()} cores: "
+                      "other processes are running, so these timings can be far off (use --threads 1 or wait)",
+                      flush=True)
+            cached_times = timed(lambda: pipe(prompts, guidance_scale=3.0, generator=gens(), output_type="np"),
+                                 args.repeats)
+            plain_times = timed(lambda: recompute_loop(pipe, prompts, 3.0, gens()), max(1, args.repeats - 1))
+            cached, plain = statistics.median(cached_times), statistics.median(plain_times)
             row = dict(codes=N, images=batch, cached_s=cached, recompute_s=plain,
                        cached_codes_per_s=batch * N / cached, recompute_codes_per_s=batch * N / plain,
-                       speedup=plain / cached)
+                       speedup=plain / cached, cached_times=cached_times, recompute_times=plain_times,
+                       threads=args.threads, loadavg_before=load)
             results.append(row)
             print(f"{N:>4} codes x {batch:>2} images: cached {cached:6.3f} s ({row['cached_codes_per_s']:8.0f} codes/s)"
                   f"  recompute {plain:7.3f} s ({row['recompute_codes_per_s']:7.0f} codes/s)  speed-up {row['speedup']:.1f}x",

@@ -130,6 +130,23 @@ def test_cached_decoding_matches_uncached(text_batch):
     torch.testing.assert_close(decoder.prefill(codes[:, :5], cache), full[:, 5], atol=1e-5, rtol=0)
 
 
+def test_attention_runs_in_float32_under_cpu_bf16_autocast():
+    from dalle_hf.models.layers import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, requires_grad=True) for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()  # what the q/k/v linear layers give under autocast
+        y = attention(qb, kb, vb, is_causal=True)
+    assert y.dtype == torch.float32  # computed in float32 (the bf16 CPU kernel is slower); the next linear casts
+    torch.testing.assert_close(y, reference, atol=2e-2, rtol=0)
+    y.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    assert attention(q, k, v, is_causal=True).dtype == torch.float32  # no autocast: plain SDPA
+    assert attention(qb.detach(), kb.detach(), vb.detach()).dtype == torch.bfloat16
+
+
 def test_alignment_autoencoder_and_score():
     model = DalleAlignmentModel(alignment_config()).eval()
     x = torch.rand(2, 3, 16, 16) * 2 - 1

@@ -109,8 +109,10 @@ class DalleDecoderCache:
 
     self_kv: list  # per layer: (k, v), each (B, H, N, Dh)
     cross_kv: list  # per layer: (k, v), each (B, H, Lt, Dh)
-    cross_mask: torch.Tensor | None  # (B, 1, 1, Lt) boolean, or None
+    cross_mask: torch.Tensor | None  # (B, 1, 1, Lt) additive float mask (0 or -inf), or None
     length: int = 0  # number of input positions already written
+    row_embeds: torch.Tensor | None = None  # (N, D): the row embedding of every position, looked up once
+    col_embeds: torch.Tensor | None = None  # (N, D): the column embedding of every position
 
 
 class DecoderBlock(nn.Module):
@@ -166,11 +168,15 @@ class DalleImageDecoder(DalleImageDecoderPreTrainedModel):
     def set_input_embeddings(self, value):
         self.code_embedding = value
 
-    def _embed(self, tokens: torch.LongTensor, start: int) -> torch.Tensor:
+    def _embed(self, tokens: torch.LongTensor, start: int, cache: DalleDecoderCache | None = None) -> torch.Tensor:
         """Input tokens at positions [start, start + L) plus the 2-D position of the code each one predicts."""
         L, G = tokens.shape[1], self.config.image_grid_size
-        pos = torch.arange(start, start + L, device=tokens.device)
-        return self.code_embedding(tokens) + self.row_embedding(pos // G)[None] + self.col_embedding(pos % G)[None]
+        if cache is not None:  # position embeddings looked up once per call (fewer small ops per decode step)
+            rows, cols = cache.row_embeds[start : start + L], cache.col_embeds[start : start + L]
+        else:
+            pos = torch.arange(start, start + L, device=tokens.device)
+            rows, cols = self.row_embedding(pos // G), self.col_embedding(pos % G)
+        return self.code_embedding(tokens) + rows[None] + cols[None]
 
     def _shift_right(self, codes: torch.LongTensor) -> torch.LongTensor:
         """(B, T) codes -> (B, T) inputs: BOS followed by codes[:, :-1]."""
@@ -215,7 +221,12 @@ class DalleImageDecoder(DalleImageDecoderPreTrainedModel):
         self_kv = [(ref.new_empty(shape), ref.new_empty(shape)) for _ in self.blocks]
         context = encoder_hidden_states.to(ref.dtype)
         cross_kv = [block.cross_attn.project_context(context) for block in self.blocks]
-        return DalleDecoderCache(self_kv, cross_kv, padding_mask(encoder_attention_mask))
+        mask = padding_mask(encoder_attention_mask)
+        if mask is not None:  # the additive form attention would build from the boolean mask at every step
+            mask = torch.zeros(mask.shape, dtype=ref.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        G, pos = self.config.image_grid_size, torch.arange(self.config.num_image_tokens, device=ref.device)
+        return DalleDecoderCache(self_kv, cross_kv, mask, row_embeds=self.row_embedding(pos // G),
+                                 col_embeds=self.col_embedding(pos % G))
 
     @torch.no_grad()
     def forward_cached(self, tokens: torch.LongTensor, cache: DalleDecoderCache) -> torch.Tensor:
@@ -224,7 +235,7 @@ class DalleImageDecoder(DalleImageDecoderPreTrainedModel):
         The tokens are inputs, not codes: pass BOS first, then each sampled code (see `prefill` and `step`).
         """
         start = cache.length
-        x = self._embed(tokens, start)
+        x = self._embed(tokens, start, cache)
         for block, self_kv, cross_kv in zip(self.blocks, cache.self_kv, cache.cross_kv):
             x = block(x, context_mask=cache.cross_mask, cross_kv=cross_kv, self_kv=self_kv, start=start)
         cache.length = start + tokens.shape[1]

@@ -39,7 +39,7 @@ class SelfAttention(nn.Module):
                 attn_mask = causal_mask(L, start, x.device)
             is_causal = False
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout)
+        y = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, L, D)  # (B, H, L, Dh) -> (B, L, D)
         return self.proj(y)
 
@@ -67,7 +67,7 @@ class CrossAttention(nn.Module):
         k, v = kv if kv is not None else self.project_context(context)
         q = self.q(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask, dropout_p=dropout)
+        y = attention(q, k, v, attn_mask=context_mask, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, L, D)  # (B, H, L, Dh) -> (B, L, D)
         return self.proj(y)
 
@@ -109,6 +109,20 @@ class AttentionPool(nn.Module):
     def forward(self, x, mask=None):
         query = self.query.expand(x.shape[0], -1, -1).to(x.dtype)
         return self.attn(query, context=x, context_mask=mask)[:, 0]  # (B, 1, D) -> (B, D)
+
+
+def attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
+    """`F.scaled_dot_product_attention`, run in float32 where CPU autocast would run it in bfloat16.
+
+    On the CPU the bf16 attention kernel (forward and backward) is about 3x slower than the float32 one at this
+    project's sizes (head dim 32, sequences of 16-256), so under bf16 autocast it took 44% of a decoder training step
+    (benchmarks/profile_training.py, docs/profile.md). The result is float32; the next linear layer casts it back.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                  is_causal=is_causal, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
 
 
 def causal_mask(length: int, start: int, device) -> torch.Tensor:
