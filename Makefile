@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-install
 
-.PHONY: venv space test test-all bench clean
+OLAH_STAMP := .venv-olah/.stamp-install
+
+.PHONY: venv venv-olah space test test-all bench clean
 
 venv: $(STAMP)
 
@@ -16,15 +18,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# olah (a Hub-protocol server for the repo-id test) in its own virtualenv: its dependencies downgrade psutil.
+venv-olah: $(OLAH_STAMP)
+
+$(OLAH_STAMP):
+	$(PY) -m venv .venv-olah
+	.venv-olah/bin/pip install -q olah
+	touch $(OLAH_STAMP)
+
 # The main job: the Gradio Space on the embedded default model, at http://127.0.0.1:7860
 space: venv
 	$(BIN)/python space/app.py
 
-test: venv
+test: venv venv-olah
 	$(BIN)/python -m pytest -q
 
-test-all: venv
+test-all: venv venv-olah
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) .venv-olah build dist *.egg-info
