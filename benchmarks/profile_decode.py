@@ -97,16 +97,51 @@ def step_inference_mode(decoder, enabled: bool = True):
         del decoder.forward_cached
 
 
-VARIANTS = {  # name -> (old decode path, torch.inference_mode around: None, "call" or "step", bfloat16 weights)
-    "old": (True, None, False),
-    "new": (False, None, False),
-    "new+inference_mode": (False, "call", False),
-    "new+inference_mode_step": (False, "step", False),
-    "new+bf16": (False, None, True),  # not output-identical: shown for what bf16 inference would give
+@contextmanager
+def sdpa_decode_step(decoder, enabled: bool = True, strided_cross: bool = True):
+    """The cached decode step as before the plain-matmul `layers.single_query_attention`: the step's self-attention
+    through SDPA (`layers.attention`), and (`strided_cross`) the cross-attention keys/values left as strided views of
+    the projection instead of contiguous tensors."""
+    from dalle_hf.models import layers
+
+    if not enabled:
+        yield
+        return
+    matmul, had, prev = layers.single_query_attention, "init_cache" in vars(decoder), decoder.init_cache
+
+    def init_cache(encoder_hidden_states, encoder_attention_mask=None):
+        cache = prev(encoder_hidden_states, encoder_attention_mask)
+        with torch.no_grad():
+            context = encoder_hidden_states.to(decoder.lm_head.weight.dtype)
+            cache.cross_kv = [block.cross_attn.project_context(context) for block in decoder.blocks]
+        return cache
+
+    layers.single_query_attention = lambda q, k, v: layers.attention(q, k, v)
+    if strided_cross:
+        decoder.init_cache = init_cache
+    try:
+        yield
+    finally:
+        layers.single_query_attention = matmul
+        if had:
+            decoder.init_cache = prev
+        elif strided_cross:
+            del decoder.init_cache
+
+
+VARIANTS = {  # name -> (old decode path, torch.inference_mode around: None, "call" or "step", bfloat16 weights,
+    #                   the decode step as before single_query_attention: True, or "attention" (only its SDPA))
+    "old": (True, None, False, True),
+    "sdpa-step": (False, None, False, True),  # before the plain-matmul step attention and contiguous cross K/V
+    "new": (False, None, False, False),
+    "new+sdpa_step_attention": (False, None, False, "attention"),  # contiguous cross K/V, but SDPA in the step
+    "new+inference_mode": (False, "call", False, False),
+    "new+inference_mode_step": (False, "step", False, False),
+    "new+bf16": (False, None, True, False),  # not output-identical: shown for what bf16 inference would give
 }
 
 
-def compare(pipe, args) -> dict:
+def compare(pipe, args, peak: float) -> dict:
     """Whole calls of each variant, one after the other in rotating order, `--rounds` rounds after a warm-up each."""
     import copy
 
@@ -115,18 +150,21 @@ def compare(pipe, args) -> dict:
         pipes[True] = copy.deepcopy(pipe).to(torch.bfloat16)
     calls = {}
     for v in args.compare:
-        old, inference, bf16 = VARIANTS[v]
+        old, inference, bf16, sdpa = VARIANTS[v]
         p = pipes[bf16]
         call = make_call(p, args)
 
-        def run(p=p, call=call, old=old, inference=inference):
+        def run(p=p, call=call, old=old, inference=inference, sdpa=sdpa):
             with old_decode_path(p.image_decoder, old), step_inference_mode(p.image_decoder, inference == "step"), \
+                    sdpa_decode_step(p.image_decoder, bool(sdpa), sdpa is True), \
                     (torch.inference_mode() if inference == "call" else contextlib.nullcontext()):
                 return call()
 
         calls[v] = run
     ref = calls[args.compare[0]]()
-    same = {v: bool((calls[v]() == ref).all()) for v in args.compare}  # also each variant's warm-up call
+    outs = {v: calls[v]() for v in args.compare}  # also each variant's warm-up call
+    same = {v: bool((outs[v] == ref).all()) for v in args.compare}
+    max_diff = {v: float(abs(outs[v].astype("float64") - ref.astype("float64")).max()) for v in args.compare}
     times = {v: [] for v in args.compare}
     for r in range(args.rounds):
         order = args.compare[r % len(args.compare):] + args.compare[: r % len(args.compare)]
@@ -135,13 +173,31 @@ def compare(pipe, args) -> dict:
             calls[v]()
             times[v].append(time.perf_counter() - t0)
     base = statistics.median(times[args.compare[0]])
+    bound = flop_bound(pipe, args, peak)
     out = {}
-    print(f"\nvariants, {args.rounds} rounds, rotating order (speed-up vs {args.compare[0]}):")
+    print(f"\nvariants, {args.rounds} rounds, rotating order (speed-up vs {args.compare[0]}; "
+          f"FLOP-bound {bound:.3f} s):")
     for v in args.compare:
         med = statistics.median(times[v])
-        out[v] = {"times": times[v], "median_s": med, "speedup": base / med, "same_images": same[v]}
-        print(f"  {v:20s} {med:.3f} s  {base / med:.3f}x  images identical to {args.compare[0]}'s: {same[v]}")
+        per_round = [a / b for a, b in zip(times[args.compare[0]], times[v])]
+        out[v] = {"times": times[v], "median_s": med, "speedup": base / med, "per_round_speedup": per_round,
+                  "share_of_flop_bound": bound / med, "same_images": same[v], "max_abs_pixel_diff": max_diff[v]}
+        print(f"  {v:24s} {med:.3f} s  {base / med:.3f}x  share {100 * bound / med:.1f}%  images identical to "
+              f"{args.compare[0]}'s: {same[v]} (max diff {max_diff[v]:.2e}); per round "
+              + " ".join(f"{x:.3f}" for x in per_round))
     return out
+
+
+def flop_bound(pipe, args, peak: float) -> float:
+    """Seconds one call would take at the fp32 matmul limit (bench_peers' analytic FLOP count)."""
+    decoder = pipe.image_decoder
+    text_len = pipe._tokenize(prompts_for(args.batch) + [""])[0].shape[1]
+    rows = args.batch * (2 if args.guidance != 1 else 1)
+    dec_flops = flops.analytic_decoder_generate(decoder.config, args.codes, rows, text_len)["total"]
+    te_flops = flops.analytic_text_encoder(pipe.text_encoder.config, text_len, args.batch + 1)
+    pix_flops, _, _ = flops.count_flops(lambda: pipe.alignment.decode(
+        torch.zeros(args.batch, args.codes, dtype=torch.long)), (pipe.alignment,))
+    return (dec_flops + te_flops + pix_flops) / (peak * 1e9)
 
 
 def kernels(args) -> dict:
@@ -280,10 +336,10 @@ def main(argv=None) -> dict:
     pipe = build(args)
     result = {"meta": info, "matmul_limit": limits}
     if not args.no_profile:
-        with old_decode_path(pipe.image_decoder, args.old):
+        with old_decode_path(pipe.image_decoder, args.old), sdpa_decode_step(pipe.image_decoder, args.old):
             result.update(profile(pipe, args, peak))
     if args.compare:
-        result["compare"] = compare(pipe, args)
+        result["compare"] = compare(pipe, args, peak)
     if args.kernels:
         result["kernels"] = kernels(args)
     result["meta"].update(elapsed_s=time.perf_counter() - started, loadavg_end=os.getloadavg())

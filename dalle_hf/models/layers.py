@@ -39,7 +39,10 @@ class SelfAttention(nn.Module):
                 attn_mask = causal_mask(L, start, x.device)
             is_causal = False
         dropout = self.dropout if self.training else 0.0
-        y = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout)
+        if cache is not None and L == 1 and dropout == 0.0:  # a decode step: one new query over the whole cache
+            y = single_query_attention(q, k, v)
+        else:
+            y = attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, L, D)  # (B, H, L, Dh) -> (B, L, D)
         return self.proj(y)
 
@@ -123,6 +126,19 @@ def attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
                                                   is_causal=is_causal, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
+def single_query_attention(q, k, v):
+    """Attention of one query position (B, H, 1, Dh) over all keys (B, H, T, Dh), no mask: a cached decode step.
+
+    In float32 on the CPU without autograd this is `softmax(q k^T / sqrt(Dh)) v` with two batched matmuls, which is
+    faster than the SDPA kernel for one query over the cache (benchmarks/profile_decode.py, docs/profile.md); results
+    agree with it to float rounding. Anything else goes through `attention()`.
+    """
+    if q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled():
+        scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (B, H, 1, T)
+        return torch.matmul(scores.softmax(-1), v)
+    return attention(q, k, v)
 
 
 def causal_mask(length: int, start: int, device) -> torch.Tensor:
