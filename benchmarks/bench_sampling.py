@@ -19,9 +19,10 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import torch
+
+from profiling import timed  # benchmarks/profiling.py (this folder is on the path when run as a script)
 
 from dalle_hf.testing import build_pipeline
 
@@ -42,16 +43,6 @@ def recompute_loop(pipe, prompts, guidance_scale: float, generator) -> torch.Lon
         codes[:, t] = pipe._sample(uncond + guidance_scale * (cond - uncond), u[:, t], 1.0, 0, 1.0)
     pipe._codes_to_images(codes)
     return codes
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def busy(threads: int) -> float | None:
@@ -82,9 +73,9 @@ def main(argv=None) -> dict:
                 print(f"WARNING: load average {load:.1f} with --threads {args.threads} on {os.cpu_count()} cores: "
                       "other processes are running, so these timings can be far off (use --threads 1 or wait)",
                       flush=True)
-            cached_times = timed(lambda: pipe(prompts, guidance_scale=3.0, generator=gens(), output_type="np"),
+            cached_times = timed(lambda: pipe(prompts, guidance_scale=3.0, generator=gens(), output_type="np"), 1,
                                  args.repeats)
-            plain_times = timed(lambda: recompute_loop(pipe, prompts, 3.0, gens()), max(1, args.repeats - 1))
+            plain_times = timed(lambda: recompute_loop(pipe, prompts, 3.0, gens()), 1, max(1, args.repeats - 1))
             cached, plain = statistics.median(cached_times), statistics.median(plain_times)
             row = dict(codes=N, images=batch, cached_s=cached, recompute_s=plain,
                        cached_codes_per_s=batch * N / cached, recompute_codes_per_s=batch * N / plain,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from profiling import (CATEGORY_ORDER, ROOT, PhaseTimer, add_rates, ancestors, categorize, format_table,
+from profiling import (CATEGORY_ORDER, timed, ROOT, PhaseTimer, add_rates, ancestors, categorize, format_table,
                        machine, matmul_limits)
 
 from dalle_hf.models import DalleImageDecoder  # noqa: E402 (profiling puts the repository on the path)
@@ -249,17 +249,6 @@ def make_call(pipe, args):
         return pipe(prompt=prompts, guidance_scale=args.guidance, generator=gens, output_type="np").images
 
     return call
-
-
-def timed(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def step_events(events):

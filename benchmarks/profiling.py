@@ -35,6 +35,18 @@ _VIEWS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::permute"
           "aten::embedding_renorm_", "aten::result_type", "aten::is_nonzero", "aten::_has_compatible_shallow_copy_type"}
 
 
+def timed(fn, warmup: int, repeats: int) -> list[float]:
+    """Call `fn` `warmup` times untimed, then `repeats` times; returns the wall seconds of each timed call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def op_category(name: str) -> str:
     """The category of one event by its name (context, such as being inside the optimizer, is applied by the caller)."""
     if name.startswith("autograd::") or name.endswith(("Backward0", "Backward1")) or name.startswith("torch::autograd"):
