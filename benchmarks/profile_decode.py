@@ -313,8 +313,11 @@ def main(argv=None) -> dict:
                    help="time these variants side by side (the first is the reference), e.g. old new")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kernels", action="store_true", help="also: memory bandwidth and attention micro-benchmarks")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_decode.json"))
+    p.add_argument("--out", default=None,
+                   help="JSON report (default benchmarks/results/profile_decode.json; with --tiny, profile_decode_tiny.json)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks" / "results" / f"profile_decode{'_tiny' if args.tiny else ''}.json")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     info = {"when": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:], "machine": machine()}

@@ -220,8 +220,11 @@ def main(argv=None) -> dict:
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--matmul-seconds", type=float, default=1.5)
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_training.json"))
+    p.add_argument("--out", default=None,
+                   help="JSON report (default benchmarks/results/profile_training.json; with --tiny, profile_training_tiny.json)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks" / "results" / f"profile_training{'_tiny' if args.tiny else ''}.json")
     if args.tiny:
         args.batch, args.text_len = min(args.batch, 4), min(args.text_len, 8)
     torch.set_num_threads(args.threads)
