@@ -34,14 +34,15 @@ def main(args) -> int:
     import torch
 
     from ..training import DataArguments, make_accelerator, run_recipe
-    from ..training.recipe import STAGES, get_recipe
+    from ..training.recipe import STAGES, check_init_from, get_recipe
 
     if args.train_data_dir and args.dataset_name:
         raise SystemExit("error: give at most one of --train-data-dir and --dataset-name")
-    recipe = get_recipe(args.recipe)  # validates the name before anything starts
-    if recipe.continuation != (args.init_from is not None):
-        raise SystemExit(f"error: --recipe {args.recipe} " + ("needs --init-from PIPELINE_FOLDER" if recipe.continuation
-                                                              else "trains from scratch and does not take --init-from"))
+    recipe = get_recipe(args.recipe)  # validates the name (and --init-from) before anything starts
+    try:
+        check_init_from(args.recipe, recipe, args.init_from)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     data = DataArguments(train_data_dir=args.train_data_dir, dataset_name=args.dataset_name,
                          image_column=args.image_column, caption_column=args.caption_column,
                          resolution=recipe.alignment["image_size"])

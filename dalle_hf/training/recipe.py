@@ -117,6 +117,18 @@ def get_recipe(name: str, data: DataArguments | None = None, max_steps: int | No
     return recipe
 
 
+def check_init_from(name: str, recipe: Recipe, init_from: str | None) -> None:
+    """A continuation recipe needs `init_from` (a pipeline folder); a recipe from scratch does not take one."""
+    if recipe.continuation and init_from is None:
+        raise ValueError(f"recipe {name!r} continues a trained pipeline: it needs --init-from (`init_from`), a "
+                         "pipeline folder")
+    if not recipe.continuation and init_from is not None:
+        raise ValueError(f"recipe {name!r} trains from scratch and does not take --init-from (`init_from`="
+                         f"{init_from!r}); use a continuation recipe such as 'shapes-continue'")
+    if init_from is not None and not os.path.isfile(os.path.join(init_from, "model_index.json")):
+        raise ValueError(f"`init_from`={init_from!r} is not a pipeline folder (no model_index.json)")
+
+
 def _done(path: str) -> bool:
     return os.path.exists(os.path.join(path, "training_args.json"))
 
@@ -172,12 +184,7 @@ def run_recipe(name: str, output_dir: str, accelerator, seed: int = 0, resume: b
     `init_from`: a pipeline folder to continue from (required by, and only allowed with, a continuation recipe).
     """
     recipe = get_recipe(name, data, max_steps)
-    if recipe.continuation != (init_from is not None):
-        raise ValueError(f"recipe {name!r} " + ("continues a trained pipeline: give `init_from`" if recipe.continuation
-                                               else f"trains from scratch; `init_from`={init_from!r} is not allowed "
-                                               "(use a continuation recipe such as 'shapes-continue')"))
-    if init_from is not None and not os.path.isfile(os.path.join(init_from, "model_index.json")):
-        raise ValueError(f"`init_from`={init_from!r} is not a pipeline folder (no model_index.json)")
+    check_init_from(name, recipe, init_from)
     os.makedirs(output_dir, exist_ok=True)
     tokenizer = train_tokenizer_stage(recipe, output_dir, accelerator, init_from)
     ae_dir, dec_dir, con_dir = (os.path.join(output_dir, s) for s in ("autoencoder", "decoder", "contrastive"))
