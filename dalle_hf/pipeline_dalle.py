@@ -221,10 +221,14 @@ class DallePipeline(DiffusionPipeline):
         idx = torch.searchsorted(cdf, (u[:, None] * cdf[:, -1:]).contiguous())
         return idx[:, 0].clamp_(max=logits.shape[-1] - 1)
 
-    def _codes_to_images(self, codes: torch.LongTensor, batch: int = 64) -> torch.Tensor:
-        """(B, N) codes -> (B, 3, H, W) float in [0, 1]."""
-        chunks = [self.alignment.decode(codes[i : i + batch]) for i in range(0, codes.shape[0], batch)]
-        return (torch.cat(chunks).float() + 1) / 2
+    def _codes_to_images(self, codes: torch.LongTensor) -> torch.Tensor:
+        """(B, N) codes -> (B, 3, H, W) float in [0, 1].
+
+        One image at a time: batched convolutions round differently for different batch sizes (by ~1e-6, enough to
+        flip a uint8 pixel now and then), and an image must depend only on its seed, not on its batch-mates. Measured
+        on the embedded model: 16 images take 0.07 s this way against 0.04 s batched, small next to sampling.
+        """
+        return (torch.cat([self.alignment.decode(codes[i : i + 1]) for i in range(codes.shape[0])]).float() + 1) / 2
 
     @torch.no_grad()
     def preview(self, codes_so_far: torch.LongTensor) -> list[PIL.Image.Image]:

@@ -58,6 +58,10 @@ def test_batch_equals_single(pipe):
         single = pipe(p, generator=gens(10 + i), output_type="codes", num_candidates=2)
         assert torch.equal(batch.images[i], single.images[0])
         torch.testing.assert_close(batch.scores[i], single.scores[0])
+    # pixels too, bit for bit: an image depends on its seed, not on the batch it was drawn in
+    batch_px = pipe(prompts[:2], generator=gens(10, 11), output_type="np", guidance_scale=2.0).images
+    single_px = pipe(prompts[1], generator=gens(11), output_type="np", guidance_scale=2.0).images
+    assert np.array_equal(batch_px[1], single_px[0])
     # with num_images_per_prompt, image j of a prompt uses generator j
     many = pipe("a red circle", num_images_per_prompt=3, generator=gens(5, 6, 7), output_type="codes").images
     assert torch.equal(many[1], pipe("a red circle", generator=gens(6), output_type="codes").images[0])
