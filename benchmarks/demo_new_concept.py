@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/demo_new_concept.py [--distill-weight 0.5] [--seeds 0 1000 2000 3000]
 
-Steps (each skipped when its output exists, so a killed run continues):
+Steps (the export and the fine-tune are skipped when their output exists, so a killed run continues; the evaluation
+always runs):
 1. export 4,000 ShapesWorld-extension scenes (40% with a heart) as an imagefolder (`out/hearts-data-4k`);
 2. `dalle-hf finetune` of `dalle_hf/default_model` with LoRA (rank 8, 500 steps of 32) into `--output-dir`; its CPU
    time (user + sys of the subprocess) is recorded;
