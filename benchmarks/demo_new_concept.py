@@ -27,11 +27,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def finetune(data_dir: str, output_dir: str, distill_weight: float, steps: int) -> dict:
+def finetune(data_dir: str, output_dir: str, distill_weight: float, steps: int, learning_rate: float) -> dict:
     """Run the fine-tune as a subprocess; returns its CPU minutes and wall minutes."""
     cmd = [sys.executable, "-m", "dalle_hf.cli", "finetune", "--pretrained", "dalle_hf/default_model",
            "--train-data-dir", data_dir, "--output-dir", output_dir, "--lora-rank", "8", "--max-steps", str(steps),
-           "--batch-size", "32", "--learning-rate", "1.5e-3", "--warmup-steps", "20", "--log-every", "25",
+           "--batch-size", "32", "--learning-rate", str(learning_rate), "--warmup-steps", "20", "--log-every", "25",
            "--save-every", "250", "--no-tracking", "--distill-weight", str(distill_weight)]
     print(" ".join(cmd), flush=True)
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
@@ -65,6 +65,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output-dir", default="out/finetune-hearts")
     parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--max-steps", type=int, default=500)
+    parser.add_argument("--learning-rate", type=float, default=1.5e-3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1000, 2000, 3000])
     parser.add_argument("--report", default=os.path.join(ROOT, "benchmarks", "results", "demo_new_concept.json"))
     args = parser.parse_args(argv)
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
         export_extension_imagefolder(args.data_dir, 4000, seed=0, new_fraction=0.4)
     report = {"distill_weight": args.distill_weight, "seeds": args.seeds}
     if not os.path.isfile(os.path.join(args.output_dir, "model_index.json")):
-        report["finetune"] = finetune(args.data_dir, args.output_dir, args.distill_weight, args.max_steps)
+        report["finetune"] = finetune(args.data_dir, args.output_dir, args.distill_weight, args.max_steps, args.learning_rate)
     import dalle_hf
 
     report["before"] = evaluate(dalle_hf.DEFAULT_MODEL, args.seeds)
