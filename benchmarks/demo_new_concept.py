@@ -77,7 +77,8 @@ def main(argv=None) -> None:
         export_extension_imagefolder(args.data_dir, 4000, seed=0, new_fraction=0.4)
     report = {"distill_weight": args.distill_weight, "seeds": args.seeds}
     if not os.path.isfile(os.path.join(args.output_dir, "model_index.json")):
-        report["finetune"] = finetune(args.data_dir, args.output_dir, args.distill_weight, args.max_steps, args.learning_rate)
+        report["finetune"] = finetune(args.data_dir, args.output_dir, args.distill_weight, args.max_steps,
+                                      args.learning_rate)
     import dalle_hf
 
     report["before"] = evaluate(dalle_hf.DEFAULT_MODEL, args.seeds)

@@ -31,10 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 DEFAULT_COMMAND = (
     "`dalle-hf train --recipe shapes --output-dir runs/shapes`, shipped by "
-    "`python benchmarks/release_default_model.py --run runs/shapes --tune`; then twice "
-    "`dalle-hf train --recipe shapes-continue --init-from dalle_hf/default_model --output-dir runs/shapes-continueN "
-    "--seed N` (N = 1, then 2), each shipped by `python benchmarks/release_default_model.py --run runs/shapes-continueN "
-    "--tune`")
+    "`python benchmarks/release_default_model.py --run runs/shapes --tune`; then "
+    "`dalle-hf train --recipe shapes-continue --init-from dalle_hf/default_model --output-dir runs/shapes-continue "
+    "--seed 1` and then the same with `--output-dir runs/shapes-continue2 --seed 2`, each shipped by "
+    "`python benchmarks/release_default_model.py --run RUN --tune`")
 DEFAULT_MINUTES = ("first run (recipe shapes): autoencoder 29, codes 2, decoder 52, contrastive 3.3; continuation 1 "
                    "(shapes-continue, seed 1): codes 3, decoder 60, contrastive 7.8; continuation 2 (seed 2): codes "
                    "3.2, decoder 40, contrastive 6.3")
